@@ -1,0 +1,29 @@
+"""qwen3moe-jax: a JAX reference implementation of Qwen3-MoE inference."""
+
+from qwen3moe_jax.api import Model, load, random_model
+from qwen3moe_jax.cache import KVCache
+from qwen3moe_jax.config import ModelConfig, preset, preset_names
+from qwen3moe_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    Qwen3MoeError,
+    SamplingError,
+)
+from qwen3moe_jax.sampling import SamplingParams
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ContextLengthError",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "Qwen3MoeError",
+    "SamplingError",
+    "SamplingParams",
+    "load",
+    "preset",
+    "preset_names",
+    "random_model",
+]

@@ -1,0 +1,123 @@
+"""The public entry points: `load` a checkpoint (or `random_model` from a preset) into a `Model`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen3moe_jax.config import ModelConfig, preset
+from qwen3moe_jax.engine import Engine, bucket_length, full_logits
+from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError
+from qwen3moe_jax.io import materialize
+from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config
+from qwen3moe_jax.model import Params, init_params
+from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.tokenizer import Tokenizer
+
+DEFAULT_MAX_SEQ_LEN = 4096
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Model:
+    """A loaded model: config, params pytree, tokenizer (or None) and the engine that runs them."""
+
+    def __init__(
+        self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None
+    ):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        if max_seq_len is None:
+            max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        self.engine = Engine(params, config, max_seq_len)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    def encode(self, ids: str | Sequence[int]) -> list[int]:
+        """Token ids of `ids`: a string goes through the tokenizer, ids are checked against the vocab."""
+        if isinstance(ids, str):
+            if self.tokenizer is None:
+                raise Qwen3MoeError("this model has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(ids)
+        ids = [int(t) for t in ids]
+        self.engine.check_tokens(ids)
+        return ids
+
+    def logits(self, ids: str | Sequence[int]) -> np.ndarray:
+        """float32 logits [len(ids), vocab] from one full forward pass (no cache carried over)."""
+        ids = self.encode(ids)
+        if not ids:
+            raise Qwen3MoeError("the prompt is empty: give at least one token")
+        # Padded to the same buckets as prefill so each new length does not compile anew; causal
+        # attention keeps the padding from touching the real positions.
+        n = len(ids)
+        padded = np.zeros((1, bucket_length(n, max(n, self.max_seq_len))), np.int32)
+        padded[0, :n] = ids
+        return np.asarray(full_logits(self.params, jnp.asarray(padded), self.config))[0, :n]
+
+    def generate(
+        self,
+        ids: str | Sequence[int],
+        max_new_tokens: int = 32,
+        sampling: SamplingParams | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[int]:
+        """New token ids only. Stops after an EOS / stop id (which is included) or max_new_tokens."""
+        prompt = self.encode(ids)
+        stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        return list(self.engine.generate(prompt, max_new_tokens, sampling or SamplingParams(), stops))
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return jnp.dtype(dtype)
+
+
+def load(
+    path: str | Path,
+    dtype: Any = "float32",
+    max_seq_len: int | None = None,
+    progress: bool = True,
+) -> Model:
+    """Load a Hugging Face checkpoint directory (config.json + *.safetensors) into a Model."""
+    path = Path(path)
+    dtype = _resolve_dtype(dtype)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if not is_hf_dir(path):
+        raise CheckpointError(f"{path} is not a checkpoint directory with a config.json")
+    config = read_hf_config(path)
+    with ExitStack() as stack:
+        reader = SafetensorsReader(path, stack)
+        params = materialize(
+            config, lambda name: hf_tensor_source(name, config, reader), dtype, progress, f"loading {path.name}"
+        )
+    tokenizer_file = path / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+    return Model(config, params, tokenizer, max_seq_len)
+
+
+def random_model(
+    config: ModelConfig | str,
+    dtype: Any = "float32",
+    seed: int = 0,
+    max_seq_len: int | None = None,
+    std: float = 0.02,
+) -> Model:
+    """A Model with random weights from a preset name or a config, with a byte-level tokenizer
+    when the vocabulary fits one (256 bytes + Qwen specials)."""
+    if isinstance(config, str):
+        config = preset(config)
+    params = init_params(config, jax.random.key(seed), _resolve_dtype(dtype), std)
+    byte_tokenizer = Tokenizer.byte_level()
+    tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
+    return Model(config, params, tokenizer, max_seq_len)

@@ -1,0 +1,140 @@
+"""The model shape: one frozen dataclass, built from a Hugging Face config.json or a named preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from qwen3moe_jax.errors import ConfigError
+
+# Presets are Hugging Face config.json files, so a preset and a real checkpoint are read the same way.
+# They live in the repository's configs/ folder; wheels carry a copy inside the package.
+_PRESET_DIRS = (Path(__file__).parent / "configs", Path(__file__).parent.parent / "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and hyper-parameters of a Qwen3-MoE model. Hashable, so it can be a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    intermediate_size: int  # width of the dense MLP layers, if any
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})"
+            )
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` uses the sparse MoE block; the rule is transformers' Qwen3MoeDecoderLayer's."""
+        return (
+            layer not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from the fields of a Hugging Face Qwen3-MoE config.json (transformers 4 or 5 layout)."""
+        model_type = hf.get("model_type", "qwen3_moe")
+        if model_type != "qwen3_moe":
+            raise ConfigError(f"expected model_type 'qwen3_moe', got {model_type!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"only hidden_act 'silu' is supported, got {hf['hidden_act']!r}")
+        if hf.get("attention_bias", False):
+            raise ConfigError("attention_bias=true is not a Qwen3-MoE layout and is not supported")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError("use_sliding_window=true is not supported (Qwen3-MoE checkpoints do not use it)")
+
+        # transformers 5 moved rope_theta into rope_parameters; 4.x kept it top level beside rope_scaling.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"rope_type {rope_type!r} is not supported yet; only the default rotary is")
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+
+        eos = hf.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        try:
+            num_heads = hf["num_attention_heads"]
+            return cls(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                num_experts=hf.get("num_experts", hf.get("num_local_experts", 0)),
+                num_experts_per_tok=hf.get("num_experts_per_tok", 1),
+                moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+                intermediate_size=hf.get("intermediate_size", 0),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+                decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as missing:
+            raise ConfigError(f"config.json lacks the required field {missing}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
+        try:
+            return cls.from_hf_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in _PRESET_DIRS if d.is_dir() for p in d.glob("*.json")})
+
+
+def preset(name: str) -> ModelConfig:
+    """A named shape from configs/, e.g. 'qwen3-30b-a3b' or 'tiny'."""
+    for directory in _PRESET_DIRS:
+        path = directory / f"{name}.json"
+        if path.is_file():
+            return ModelConfig.from_json_file(path)
+    raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")

@@ -1,0 +1,144 @@
+"""jit-compiled prefill and decode steps over a preallocated, donated KV cache, and the loop that drives them.
+
+- `prefill_step` runs a whole prompt padded to a length bucket (a power of two), so a new prompt length
+  compiles only when it lands in a new bucket.
+- `decode_step` runs one token per row at per-row positions; its shapes never change, so it compiles
+  once and never again, whatever the position.
+Both take the cache with `donate_argnames`, so XLA writes the new keys and values into the same buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen3moe_jax.cache import KVCache
+from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
+from qwen3moe_jax.model import Params, forward, lm_logits
+from qwen3moe_jax.sampling import SamplingParams
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, max_len: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at max_len."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+
+
+@partial(jax.jit, static_argnames="config", donate_argnames="cache")
+def prefill_step(
+    params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """Fill cache slots 0..T-1 from right-padded prompts tokens [B, T]; logits [B, V] at each row's last token."""
+    start = jnp.zeros(tokens.shape[0], jnp.int32)
+    hidden, cache = forward(params, tokens, start, cache, config)
+    last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
+    return lm_logits(params, last), cache
+
+
+@partial(jax.jit, static_argnames="config", donate_argnames="cache")
+def decode_step(
+    params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """One token per row, tokens [B] at positions [B]; returns logits [B, V]."""
+    hidden, cache = forward(params, tokens[:, None], positions, cache, config)
+    return lm_logits(params, hidden[:, 0]), cache
+
+
+@partial(jax.jit, static_argnames="config")
+def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    """Logits at every position of tokens [B, T] in one pass, with a scratch cache of length T."""
+    B, T = tokens.shape
+    cache = KVCache.init(config, B, T, params.embed.dtype)
+    hidden, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
+    return lm_logits(params, hidden)
+
+
+greedy_token = jax.jit(partial(jnp.argmax, axis=-1))
+
+
+class Engine:
+    """Owns the params and one KV cache buffer, and runs requests through the jit steps.
+
+    The cache is allocated once (lazily) and handed from step to step by donation; requests reuse it.
+    """
+
+    def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1):
+        self.params = params
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self._cache: KVCache | None = None
+
+    @property
+    def dtype(self) -> Any:
+        return self.params.embed.dtype
+
+    def _take_cache(self) -> KVCache:
+        # Taken out while a request runs: if a step fails after donating the buffer, the next request
+        # allocates a fresh one rather than touching a deleted array.
+        cache, self._cache = self._cache, None
+        return cache if cache is not None else KVCache.init(
+            self.config, self.batch_size, self.max_seq_len, self.dtype
+        )
+
+    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
+        """KV-3: refuse up front a request the cache cannot hold."""
+        if prompt_len < 1:
+            raise Qwen3MoeError("the prompt is empty: give at least one token")
+        if max_new_tokens < 1:
+            raise Qwen3MoeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{prompt_len + max_new_tokens} exceeds the KV cache length {self.max_seq_len}; "
+                "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len"
+            )
+
+    def check_tokens(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise Qwen3MoeError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop_token_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
+        """Yield new token ids one by one until a stop id (yielded) or max_new_tokens."""
+        self.check_tokens(prompt)
+        self.check_request(len(prompt), max_new_tokens)
+        if not sampling.is_greedy or sampling.repeat_penalty != 1.0:
+            raise NotImplementedError(
+                "only greedy decoding without repetition penalty is implemented so far "
+                "(temperature=0 or top_k=1, repeat_penalty=1.0)"
+            )
+        return self._greedy(list(prompt), max_new_tokens, frozenset(stop_token_ids))
+
+    def _greedy(self, prompt: list[int], max_new_tokens: int, stops: frozenset[int]) -> Iterator[int]:
+        cache = self._take_cache()
+        try:
+            n = len(prompt)
+            padded = np.zeros((self.batch_size, bucket_length(n, self.max_seq_len)), np.int32)
+            padded[:, :n] = prompt
+            lengths = jnp.full((self.batch_size,), n, jnp.int32)
+            logits, cache = prefill_step(self.params, jnp.asarray(padded), lengths, cache, self.config)
+            for step in range(max_new_tokens):
+                token = greedy_token(logits)
+                token_id = int(token[0])  # the only host transfer per step
+                yield token_id
+                if token_id in stops or step == max_new_tokens - 1:
+                    return
+                positions = jnp.full((self.batch_size,), n + step, jnp.int32)
+                logits, cache = decode_step(self.params, token, positions, cache, self.config)
+        finally:
+            if not any(a.is_deleted() for a in cache.k):
+                self._cache = cache

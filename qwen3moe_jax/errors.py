@@ -1,0 +1,21 @@
+"""Exceptions the package raises on bad input, so callers can catch them by kind."""
+
+
+class Qwen3MoeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(Qwen3MoeError, ValueError):
+    """A model configuration is malformed or describes something this package does not run."""
+
+
+class CheckpointError(Qwen3MoeError, ValueError):
+    """A checkpoint is missing, incomplete, or does not match its configuration."""
+
+
+class ContextLengthError(Qwen3MoeError, ValueError):
+    """A request needs more positions than the KV cache holds."""
+
+
+class SamplingError(Qwen3MoeError, ValueError):
+    """Sampling parameters or logits are out of range."""

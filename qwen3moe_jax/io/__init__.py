@@ -1,0 +1,45 @@
+"""Checkpoint readers. Each format supplies, per param name, a function building that tensor in numpy;
+`materialize` walks the param specs, builds each tensor and puts it on the device before the next."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.errors import CheckpointError
+from qwen3moe_jax.model import Params, ParamSpec, param_name, param_specs
+
+TensorSource = Callable[[Any], np.ndarray]  # numpy dtype -> array in our layout
+
+
+def materialize(
+    config: ModelConfig,
+    source_for: Callable[[str], TensorSource],
+    dtype: Any,
+    progress: bool = True,
+    desc: str = "loading",
+) -> Params:
+    """Build the params pytree tensor by tensor, checking each shape against its spec."""
+    specs = param_specs(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    np_dtype = np.dtype(dtype)
+    total = sum(math.prod(spec.shape) for _, spec in flat) * np_dtype.itemsize
+    leaves = []
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+        for path, spec in flat:
+            name = param_name(path)
+            array = source_for(name)(np_dtype)
+            if array.shape != spec.shape:
+                raise CheckpointError(
+                    f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
+                )
+            leaves.append(jax.device_put(array))
+            del array
+            bar.update(math.prod(spec.shape) * np_dtype.itemsize)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

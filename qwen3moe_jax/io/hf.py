@@ -1,0 +1,140 @@
+"""Hugging Face checkpoint directories: config.json + model.safetensors (single or sharded by an index).
+
+Tensors are read one at a time from memory-mapped files, converted to our layout and dtype, and put on
+the device before the next is read, so host memory stays near one (stacked) tensor whatever the
+checkpoint size. Two expert layouts are read: the published per-expert names
+(`mlp.experts.{j}.gate_proj.weight`, which transformers 5's save_pretrained still writes) and the
+fused 3-D form transformers 5 uses in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+
+from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.errors import CheckpointError
+from qwen3moe_jax.model import Params
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+class SafetensorsReader:
+    """Name -> numpy array over all the safetensors files of a directory, opened lazily (mmap)."""
+
+    def __init__(self, directory: Path, stack: ExitStack):
+        index = directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {directory}")
+        self._handles = {}
+        for name in files:
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{INDEX_FILE} names {name}, which is not in {directory}")
+            try:
+                self._handles[name] = stack.enter_context(safe_open(directory / name, framework="numpy"))
+            except Exception as err:  # the library raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read {directory / name}: {err}") from err
+        if weight_map is None:
+            weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
+        self._where = weight_map
+        self.directory = directory
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def hf_tensor_source(name: str, config: ModelConfig, reader: SafetensorsReader) -> Callable[[Any], np.ndarray]:
+    """How to build our param `name` (e.g. 'layers.3.mlp.gate') from the checkpoint, in numpy dtype `dt`.
+
+    HF linear weights are [out, in]; ours are [in, out] with heads as their own axis.
+    """
+    c = config
+    parts = name.split(".")
+
+    def linear(hf_name: str, out_shape: tuple[int, ...]) -> Callable[[Any], np.ndarray]:
+        return lambda dt: np.asarray(reader.get(hf_name).T, dtype=dt).reshape(out_shape)
+
+    def plain(hf_name: str) -> Callable[[Any], np.ndarray]:
+        return lambda dt: np.asarray(reader.get(hf_name), dtype=dt)
+
+    if name == "embed":
+        return plain("model.embed_tokens.weight")
+    if name == "final_norm":
+        return plain("model.norm.weight")
+    if name == "lm_head":
+        return linear("lm_head.weight", (c.hidden_size, c.vocab_size))
+
+    i, group, leaf = int(parts[1]), parts[2], parts[-1]
+    prefix = f"model.layers.{i}"
+    E, H, KV, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    if group == "attn_norm":
+        return plain(f"{prefix}.input_layernorm.weight")
+    if group == "mlp_norm":
+        return plain(f"{prefix}.post_attention_layernorm.weight")
+    if group == "attn":
+        attn = f"{prefix}.self_attn"
+        return {
+            "q": linear(f"{attn}.q_proj.weight", (E, H, D)),
+            "k": linear(f"{attn}.k_proj.weight", (E, KV, D)),
+            "v": linear(f"{attn}.v_proj.weight", (E, KV, D)),
+            "o": linear(f"{attn}.o_proj.weight", (H, D, E)),
+            "q_norm": plain(f"{attn}.q_norm.weight"),
+            "k_norm": plain(f"{attn}.k_norm.weight"),
+        }[leaf]
+    if not c.is_moe_layer(i):  # dense SwiGLU layer
+        F = c.intermediate_size
+        return {
+            "gate": linear(f"{prefix}.mlp.gate_proj.weight", (E, F)),
+            "up": linear(f"{prefix}.mlp.up_proj.weight", (E, F)),
+            "down": linear(f"{prefix}.mlp.down_proj.weight", (F, E)),
+        }[leaf]
+    if leaf == "router":
+        return linear(f"{prefix}.mlp.gate.weight", (E, c.num_experts))
+    return _expert_source(prefix, leaf, config, reader)
+
+
+def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsReader) -> Callable[[Any], np.ndarray]:
+    X, F, E = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    fused = f"{prefix}.mlp.experts.gate_up_proj" if leaf != "down" else f"{prefix}.mlp.experts.down_proj"
+    if fused in reader:
+        if leaf == "down":  # [X, E, F] -> [X, F, E]
+            return lambda dt: np.asarray(reader.get(fused).transpose(0, 2, 1), dtype=dt)
+        half = slice(0, F) if leaf == "gate" else slice(F, 2 * F)  # gate_up_proj: [X, 2F, E]
+        return lambda dt: np.asarray(reader.get(fused)[:, half].transpose(0, 2, 1), dtype=dt)
+
+    hf_leaf = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}[leaf]
+    shape = (X, F, E) if leaf == "down" else (X, E, F)
+
+    def stacked(dt: Any) -> np.ndarray:
+        # Filled expert by expert so at most one expert's source tensor is held beside the result.
+        out = np.empty(shape, dtype=dt)
+        for j in range(X):
+            out[j] = reader.get(f"{prefix}.mlp.experts.{j}.{hf_leaf}.weight").T
+        return out
+
+    return stacked
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    return ModelConfig.from_json_file(directory / "config.json")

@@ -1,0 +1,287 @@
+"""Qwen3-MoE as pure functions over a params pytree.
+
+The math follows transformers' `modeling_qwen3_moe` and llama.cpp's `qwen3moe`:
+  x = embed[tokens]
+  per layer:  h = x + Attention(RMSNorm(x));  x = h + MoE-or-MLP(RMSNorm(h))
+  logits = RMSNorm(x) @ lm_head          (lm_head = embed.T when the embeddings are tied)
+
+Weights are stored input-major (`[in, out]`, heads kept as their own axis) so every projection is one
+einsum. Every array dimension has a logical axis name (`vocab`, `embed`, `heads`, ...); the specs below
+are the single description from which random init, checkpoint loading and sharding all derive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qwen3moe_jax.cache import KVCache
+from qwen3moe_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape and logical axis names of one weight; `kind` says how a random init fills it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    kind: str = "matrix"  # "matrix": normal noise; "norm": ones
+
+
+@struct.dataclass
+class AttentionParams:
+    q: Any  # [embed, heads, head_dim]
+    k: Any  # [embed, kv_heads, head_dim]
+    v: Any  # [embed, kv_heads, head_dim]
+    o: Any  # [heads, head_dim, embed]
+    q_norm: Any  # [head_dim]
+    k_norm: Any  # [head_dim]
+
+
+@struct.dataclass
+class MoEParams:
+    router: Any  # [embed, experts]
+    gate: Any  # [experts, embed, expert_ffn]
+    up: Any  # [experts, embed, expert_ffn]
+    down: Any  # [experts, expert_ffn, embed]
+
+
+@struct.dataclass
+class MLPParams:
+    gate: Any  # [embed, ffn]
+    up: Any  # [embed, ffn]
+    down: Any  # [ffn, embed]
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: Any  # [embed]
+    attn: AttentionParams
+    mlp_norm: Any  # [embed]
+    mlp: Union[MoEParams, MLPParams]
+
+
+@struct.dataclass
+class Params:
+    embed: Any  # [vocab, embed]
+    layers: list[LayerParams]
+    final_norm: Any  # [embed]
+    lm_head: Any  # [embed, vocab], or None when tied to `embed`
+
+
+def param_specs(config: ModelConfig) -> Params:
+    """The params pytree with a ParamSpec at every leaf."""
+    c = config
+    E, H, KV, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+
+    def layer(i: int) -> LayerParams:
+        attn = AttentionParams(
+            q=ParamSpec((E, H, D), ("embed", "heads", "head_dim")),
+            k=ParamSpec((E, KV, D), ("embed", "kv_heads", "head_dim")),
+            v=ParamSpec((E, KV, D), ("embed", "kv_heads", "head_dim")),
+            o=ParamSpec((H, D, E), ("heads", "head_dim", "embed")),
+            q_norm=ParamSpec((D,), ("head_dim",), "norm"),
+            k_norm=ParamSpec((D,), ("head_dim",), "norm"),
+        )
+        if c.is_moe_layer(i):
+            X, F = c.num_experts, c.moe_intermediate_size
+            mlp: MoEParams | MLPParams = MoEParams(
+                router=ParamSpec((E, X), ("embed", "experts")),
+                gate=ParamSpec((X, E, F), ("experts", "embed", "expert_ffn")),
+                up=ParamSpec((X, E, F), ("experts", "embed", "expert_ffn")),
+                down=ParamSpec((X, F, E), ("experts", "expert_ffn", "embed")),
+            )
+        else:
+            F = c.intermediate_size
+            mlp = MLPParams(
+                gate=ParamSpec((E, F), ("embed", "ffn")),
+                up=ParamSpec((E, F), ("embed", "ffn")),
+                down=ParamSpec((F, E), ("ffn", "embed")),
+            )
+        return LayerParams(
+            attn_norm=ParamSpec((E,), ("embed",), "norm"),
+            attn=attn,
+            mlp_norm=ParamSpec((E,), ("embed",), "norm"),
+            mlp=mlp,
+        )
+
+    return Params(
+        embed=ParamSpec((c.vocab_size, E), ("vocab", "embed")),
+        layers=[layer(i) for i in range(c.num_layers)],
+        final_norm=ParamSpec((E,), ("embed",), "norm"),
+        lm_head=None if c.tie_word_embeddings else ParamSpec((E, c.vocab_size), ("embed", "vocab")),
+    )
+
+
+def param_name(path: tuple) -> str:
+    """Dotted name of a leaf in the params pytree, e.g. 'layers.3.attn.q'."""
+    parts = []
+    for key in path:
+        parts.append(str(getattr(key, "name", getattr(key, "idx", getattr(key, "key", key)))))
+    return ".".join(parts)
+
+
+def init_params(config: ModelConfig, key: Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
+    """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks."""
+    specs = param_specs(config)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    keys = jax.random.split(key, len(leaves))
+
+    def make(spec: ParamSpec, k: Array) -> Array:
+        if spec.kind == "norm":
+            return jnp.ones(spec.shape, dtype)
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+# ----------------------------------------------------------------------------------------------- math
+
+
+def einsum(spec: str, x: Array, w: Array) -> Array:
+    """The one matmul of the model. f32 asks for full f32 precision, so parity runs are not TF32 on GPU."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.einsum(spec, x, w, precision=precision)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm computed in f32 and cast back before the weight multiply, as transformers does."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in the rotate-half (NEOX) form. x: [B, T, heads, D]; positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention(
+    p: AttentionParams,
+    x: Array,
+    positions: Array,
+    k_cache: Array,
+    v_cache: Array,
+    config: ModelConfig,
+) -> tuple[Array, Array, Array]:
+    """Causal GQA attention of x [B, T, E] at `positions` [B, T] over the cache [B, KV, S, D].
+
+    The new keys and values are written into the cache at their positions first; a query at position
+    p then attends to cache slots 0..p. Slots beyond p may hold stale or padding entries: the mask
+    hides them, which is what lets one preallocated buffer serve every request and length.
+    """
+    B, T, _ = x.shape
+    eps = config.rms_norm_eps
+    q = rms_norm(einsum("bte,ehd->bthd", x, p.q), p.q_norm, eps)
+    k = rms_norm(einsum("bte,ehd->bthd", x, p.k), p.k_norm, eps)
+    v = einsum("bte,ehd->bthd", x, p.v)
+    q = rotary(q, positions, config.rope_theta)
+    k = rotary(k, positions, config.rope_theta)
+
+    start = positions[:, 0]
+    k_cache = write_cache(k_cache, k.transpose(0, 2, 1, 3), start)
+    v_cache = write_cache(v_cache, v.transpose(0, 2, 1, 3), start)
+
+    q = q.reshape(B, T, config.num_kv_heads, config.q_per_kv, config.head_dim)
+    scores = einsum("btkgd,bksd->bkgts", q, k_cache) * (config.head_dim**-0.5)
+    slots = jnp.arange(k_cache.shape[2])
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = einsum("bkgts,bksd->btkgd", probs, v_cache).reshape(B, T, config.num_heads, config.head_dim)
+    return einsum("bthd,hde->bte", out, p.o), k_cache, v_cache
+
+
+def write_cache(cache: Array, new: Array, start: Array) -> Array:
+    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
+
+
+def mlp(p: MLPParams, x: Array) -> Array:
+    """Dense SwiGLU: down(silu(gate(x)) * up(x))."""
+    h = jax.nn.silu(einsum("bte,ef->btf", x, p.gate)) * einsum("bte,ef->btf", x, p.up)
+    return einsum("btf,fe->bte", h, p.down)
+
+
+def route(router: Array, x: Array, config: ModelConfig) -> tuple[Array, Array]:
+    """Router: softmax over all experts in f32, keep the top k, renormalise if the config says so.
+
+    x: [N, E]. Returns (weights [N, k] in x's dtype, expert ids [N, k]).
+    """
+    probs = jax.nn.softmax(einsum("ne,ex->nx", x, router).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(x.dtype), experts
+
+
+def moe(p: MoEParams, x: Array, config: ModelConfig) -> Array:
+    """Sparse MoE block: each token's k chosen SwiGLU experts, summed with the router weights.
+
+    A grouped matmul: the N*k (token, expert) pairs are sorted by expert so each expert's weights
+    multiply one contiguous block of rows (`ragged_dot`); no per-token copy of expert weights is made.
+    """
+    B, T, E = x.shape
+    k = config.num_experts_per_tok
+    flat = x.reshape(B * T, E)
+    weights, experts = route(p.router, flat, config)
+
+    pair_expert = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(pair_expert, stable=True)
+    pair_token = order // k
+    rows = flat[pair_token]  # [N*k, E], grouped by expert
+    group_sizes = jnp.bincount(pair_expert, length=config.num_experts).astype(jnp.int32)
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+    def grouped(a: Array, w: Array) -> Array:
+        return jax.lax.ragged_dot(a, w, group_sizes, precision=precision)
+
+    h = jax.nn.silu(grouped(rows, p.gate)) * grouped(rows, p.up)
+    out_rows = grouped(h, p.down) * weights.reshape(-1)[order][:, None]
+    out = jnp.zeros_like(flat).at[pair_token].add(out_rows)
+    return out.reshape(B, T, E)
+
+
+def forward(
+    params: Params, tokens: Array, start: Array, cache: KVCache, config: ModelConfig
+) -> tuple[Array, KVCache]:
+    """Run tokens [B, T] placed at positions start[b] .. start[b]+T-1; returns final-normed hidden states.
+
+    The caller guarantees start + T <= cache length (dynamic_update_slice would otherwise clamp).
+    """
+    T = tokens.shape[1]
+    positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
+    x = params.embed[tokens]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        h, k_i, v_i = attention(
+            layer.attn, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
+            cache.k[i], cache.v[i], config,
+        )
+        x = x + h
+        y = rms_norm(x, layer.mlp_norm, config.rms_norm_eps)
+        x = x + (moe(layer.mlp, y, config) if isinstance(layer.mlp, MoEParams) else mlp(layer.mlp, y))
+        new_k.append(k_i)
+        new_v.append(v_i)
+    return rms_norm(x, params.final_norm, config.rms_norm_eps), KVCache(k=new_k, v=new_v)
+
+
+def lm_logits(params: Params, hidden: Array) -> Array:
+    """Project final hidden states [..., E] to float32 logits [..., V]."""
+    if params.lm_head is None:
+        logits = einsum("...e,ve->...v", hidden, params.embed)
+    else:
+        logits = einsum("...e,ev->...v", hidden, params.lm_head)
+    return logits.astype(jnp.float32)
