@@ -13,6 +13,7 @@ are the single description from which random init, checkpoint loading and shardi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Union
 
 import jax
@@ -285,3 +286,12 @@ def lm_logits(params: Params, hidden: Array) -> Array:
     else:
         logits = einsum("...e,ev->...v", hidden, params.lm_head)
     return logits.astype(jnp.float32)
+
+
+def param_count(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts; active counts only the k routed experts of each MoE layer."""
+    specs = jax.tree.leaves(param_specs(config), is_leaf=lambda x: isinstance(x, ParamSpec))
+    total = sum(math.prod(s.shape) for s in specs)
+    expert_params = sum(math.prod(s.shape) for s in specs if s.axes[0] == "experts")
+    inactive = expert_params * (config.num_experts - config.num_experts_per_tok) // max(config.num_experts, 1)
+    return total, total - inactive

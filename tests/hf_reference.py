@@ -1,12 +1,13 @@
-"""The independent reference: Hugging Face transformers' Qwen3MoeForCausalLM on CPU in float32."""
+"""Random-weight Hugging Face checkpoints for the tests; the comparison helpers live in qwen3moe_jax.parity."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from qwen3moe_jax.parity import hf_greedy, hf_logits
 
 
 def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **config) -> Qwen3MoeForCausalLM:
@@ -22,15 +23,4 @@ def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **confi
     return model
 
 
-@torch.no_grad()
-def hf_logits(model: Qwen3MoeForCausalLM, ids: list[int]) -> np.ndarray:
-    return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-@torch.no_grad()
-def hf_greedy(model: Qwen3MoeForCausalLM, ids: list[int], new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        eos_token_id=None, pad_token_id=0,
-    )
-    return out[0, len(ids):].tolist()
+__all__ = ["save_hf_model", "hf_logits", "hf_greedy"]

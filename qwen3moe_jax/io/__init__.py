@@ -34,7 +34,10 @@ def materialize(
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
         for path, spec in flat:
             name = param_name(path)
-            array = source_for(name)(np_dtype)
+            try:
+                array = source_for(name)(np_dtype)
+            except ValueError as err:  # numpy's reshape/broadcast failures: the file disagrees with the config
+                raise CheckpointError(f"tensor for {name} does not fit shape {spec.shape} of the config: {err}") from None
             if array.shape != spec.shape:
                 raise CheckpointError(
                     f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
