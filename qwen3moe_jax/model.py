@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,7 @@ class LayerParams:
     attn_norm: Any  # [embed]
     attn: AttentionParams
     mlp_norm: Any  # [embed]
-    mlp: Union[MoEParams, MLPParams]
+    mlp: MoEParams | MLPParams
 
 
 @struct.dataclass
@@ -139,7 +139,7 @@ def init_params(config: ModelConfig, key: Array, dtype: Any = jnp.float32, std: 
             return jnp.ones(spec.shape, dtype)
         return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
 
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------------- math

@@ -33,7 +33,7 @@ def hf_greedy(model: Qwen3MoeForCausalLM, ids: list[int], new_tokens: int) -> li
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token, or None when the sequences are equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))

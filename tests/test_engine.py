@@ -65,7 +65,7 @@ def test_batch_rows_at_different_positions_match_single_row_runs(model):
         logits, cache = _decode(model, tokens, [5 + j, 12 + j], cache)
         for r in range(2):
             rows[r].append(np.asarray(logits[r]))
-    for r, (seq, prompt) in enumerate(zip(seqs, prompts)):
+    for r, (seq, prompt) in enumerate(zip(seqs, prompts, strict=True)):
         n = len(prompt)
         np.testing.assert_allclose(np.stack(rows[r]), model.logits(seq)[n - 1 : n + 4], atol=1e-5, rtol=1e-5)
 

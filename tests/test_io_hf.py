@@ -44,7 +44,7 @@ def test_fused_expert_layout_loads_the_same(hf_tiny, tmp_path):
         per_expert = {kind: [tensors.pop(f"{prefix}.{j}.{kind}.weight") for j in range(c.num_experts)]
                       for kind in ("gate_proj", "up_proj", "down_proj")}
         tensors[f"{prefix}.gate_up_proj"] = np.stack(
-            [np.concatenate([g, u]) for g, u in zip(per_expert["gate_proj"], per_expert["up_proj"])])
+            [np.concatenate([g, u]) for g, u in zip(per_expert["gate_proj"], per_expert["up_proj"], strict=True)])
         tensors[f"{prefix}.down_proj"] = np.stack(per_expert["down_proj"])
     fused = tmp_path / "fused"
     fused.mkdir()

@@ -82,7 +82,7 @@ def _numpy_moe(p, x, k, norm_topk):
         probs /= probs.sum()
         chosen = np.argsort(-probs, kind="stable")[:k]
         weights = probs[chosen] / (probs[chosen].sum() if norm_topk else 1.0)
-        for e, w in zip(chosen, weights):
+        for e, w in zip(chosen, weights, strict=True):
             gate = row @ p.gate[e]
             hidden = gate / (1 + np.exp(-gate)) * (row @ p.up[e])
             out[t] += w * (hidden @ p.down[e])

@@ -36,8 +36,10 @@ def materialize(
             name = param_name(path)
             try:
                 array = source_for(name)(np_dtype)
-            except ValueError as err:  # numpy's reshape/broadcast failures: the file disagrees with the config
-                raise CheckpointError(f"tensor for {name} does not fit shape {spec.shape} of the config: {err}") from None
+            except ValueError as err:  # numpy reshape/broadcast failures: the file disagrees with the config
+                raise CheckpointError(
+                    f"tensor for {name} does not fit shape {spec.shape} of the config: {err}"
+                ) from None
             if array.shape != spec.shape:
                 raise CheckpointError(
                     f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"

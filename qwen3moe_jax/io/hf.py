@@ -20,7 +20,6 @@ from safetensors import safe_open
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
-from qwen3moe_jax.model import Params
 
 INDEX_FILE = "model.safetensors.index.json"
 
