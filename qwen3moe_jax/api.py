@@ -42,20 +42,19 @@ class Model:
         return self.engine.max_seq_len
 
     def encode(self, ids: str | Sequence[int]) -> list[int]:
-        """Token ids of `ids`: a string goes through the tokenizer, ids are checked against the vocab."""
+        """Token ids of `ids`: a string goes through the tokenizer, a sequence is taken as ids."""
         if isinstance(ids, str):
             if self.tokenizer is None:
                 raise Qwen3MoeError("this model has no tokenizer: pass token ids instead of text")
             return self.tokenizer.encode(ids)
-        ids = [int(t) for t in ids]
-        self.engine.check_tokens(ids)
-        return ids
+        return [int(t) for t in ids]
 
     def logits(self, ids: str | Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab] from one full forward pass (no cache carried over)."""
         ids = self.encode(ids)
         if not ids:
             raise Qwen3MoeError("the prompt is empty: give at least one token")
+        self.engine.check_tokens(ids)
         # Padded to the same buckets as prefill so each new length does not compile anew; causal
         # attention keeps the padding from touching the real positions.
         n = len(ids)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Tests run on CPU; keep XLA from grabbing every core's worth of threads per test process.
+# The suite compares against CPU references and must behave the same on a GPU machine: pin it to CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

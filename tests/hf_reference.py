@@ -7,8 +7,6 @@ from pathlib import Path
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from qwen3moe_jax.parity import hf_greedy, hf_logits
-
 
 def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **config) -> Qwen3MoeForCausalLM:
     """Random weights at a given shape, written with save_pretrained; returns the model in eval mode.
@@ -22,5 +20,3 @@ def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **confi
     model.save_pretrained(path)
     return model
 
-
-__all__ = ["save_hf_model", "hf_logits", "hf_greedy"]

@@ -13,7 +13,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import Qwen3MoeForCausalLM
 
 import qwen3moe_jax as qj
-from tests.hf_reference import hf_logits, save_hf_model
+from qwen3moe_jax.parity import hf_logits
+from tests.hf_reference import save_hf_model
 
 IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
-from tests.hf_reference import hf_greedy, hf_logits, save_hf_model
+from qwen3moe_jax.parity import hf_greedy, hf_logits
+from tests.hf_reference import save_hf_model
 
 # Odd shapes on purpose: head_dim != hidden/heads, GQA ratios 1, 2, 3 and 8, norm_topk_prob on and off,
 # tied and untied embeddings, dense layers (by mlp_only_layers and by decoder_sparse_step), top-k 1..4.
