@@ -15,8 +15,16 @@ from qwen3moe_jax.config import ModelConfig, preset
 from qwen3moe_jax.engine import Engine, bucket_length, full_logits
 from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError
 from qwen3moe_jax.io import materialize
+from qwen3moe_jax.io.gguf_file import (
+    GGUFTensors,
+    from_gguf_layout,
+    gguf_name,
+    is_gguf_file,
+    read_gguf_config,
+    write_gguf,
+)
 from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config
-from qwen3moe_jax.model import Params, init_params
+from qwen3moe_jax.model import Params, ParamSpec, init_params, param_name, param_specs
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.tokenizer import Tokenizer
 
@@ -87,13 +95,16 @@ def load(
     max_seq_len: int | None = None,
     progress: bool = True,
 ) -> Model:
-    """Load a Hugging Face checkpoint directory (config.json + *.safetensors) into a Model."""
+    """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
+    (config.json + *.safetensors)."""
     path = Path(path)
     dtype = _resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if is_gguf_file(path):
+        return _load_gguf(path, dtype, max_seq_len, progress)
     if not is_hf_dir(path):
-        raise CheckpointError(f"{path} is not a checkpoint directory with a config.json")
+        raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory with a config.json")
     config = read_hf_config(path)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
@@ -103,6 +114,31 @@ def load(
     tokenizer_file = path / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
     return Model(config, params, tokenizer, max_seq_len)
+
+
+def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) -> Model:
+    tensors = GGUFTensors(path)
+    config = read_gguf_config(tensors)
+    shapes = _named_leaves(param_specs(config))
+
+    def source(name: str):
+        return lambda dt: np.asarray(
+            from_gguf_layout(name, tensors.get(gguf_name(name)), shapes[name].shape), dtype=dt
+        )
+
+    params = materialize(config, source, dtype, progress, f"loading {path.name}")
+    return Model(config, params, None, max_seq_len)
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, ParamSpec))
+    return {param_name(path): leaf for path, leaf in flat}
+
+
+def save_gguf(model: Model, path: str | Path, qtype: str = "F32") -> None:
+    """Export the model's weights and config as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0)."""
+    arrays = {name: np.asarray(a, np.float32) for name, a in _named_leaves(model.params).items()}
+    write_gguf(path, model.config, arrays, qtype)
 
 
 def random_model(
