@@ -16,6 +16,13 @@ from tests.hf_reference import save_hf_model
 IDS = [0, 5, 9, 100, 3, 7, 8, 22, 1, 64, 127, 31]
 
 
+def _finish(writer: GGUFWriter) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @pytest.fixture(scope="module")
 def hf_gguf_ready(tmp_path_factory):
     """A checkpoint llama.cpp's qwen3moe can express (all layers MoE, norm_topk_prob) with rows of 32k."""
@@ -64,10 +71,7 @@ def test_dequantization_matches_the_gguf_package(tmp_path, qtype):
     data = np.random.default_rng(0).normal(size=(6, 256)).astype(np.float32)
     writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
     writer.add_tensor("x", quants.quantize(data, target), raw_dtype=target)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     got = GGUFTensors(tmp_path / "t.gguf").get("x")
     np.testing.assert_array_equal(got, quants.dequantize(quants.quantize(data, target), target))
     assert got.shape == data.shape
@@ -84,10 +88,7 @@ def test_errors_name_the_problem(hf_gguf_ready, tmp_path):
 
     writer = GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
     writer.add_tensor("token_embd", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     with pytest.raises(qj.ConfigError, match="architecture 'llama'"):
         qj.load(tmp_path / "llama.gguf")
 
