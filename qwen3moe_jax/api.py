@@ -24,7 +24,7 @@ from qwen3moe_jax.io.gguf_file import (
     write_gguf,
 )
 from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config
-from qwen3moe_jax.model import Params, ParamSpec, init_params, param_name, param_specs
+from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.tokenizer import Tokenizer
 
@@ -119,7 +119,7 @@ def load(
 def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) -> Model:
     tensors = GGUFTensors(path)
     config = read_gguf_config(tensors)
-    shapes = _named_leaves(param_specs(config))
+    shapes = named_leaves(param_specs(config))
 
     def source(name: str):
         return lambda dt: np.asarray(
@@ -130,14 +130,9 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) 
     return Model(config, params, None, max_seq_len)
 
 
-def _named_leaves(tree: Any) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, ParamSpec))
-    return {param_name(path): leaf for path, leaf in flat}
-
-
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32") -> None:
     """Export the model's weights and config as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0)."""
-    arrays = {name: np.asarray(a, np.float32) for name, a in _named_leaves(model.params).items()}
+    arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
     write_gguf(path, model.config, arrays, qtype)
 
 

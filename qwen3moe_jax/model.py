@@ -128,6 +128,12 @@ def param_name(path: tuple) -> str:
     return ".".join(parts)
 
 
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """{dotted name: leaf} of a params pytree or its specs, in tree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, ParamSpec))
+    return {param_name(path): leaf for path, leaf in flat}
+
+
 def init_params(config: ModelConfig, key: Array, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
     """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks."""
     specs = param_specs(config)

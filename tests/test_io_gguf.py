@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from transformers import Qwen3MoeForCausalLM
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.io.gguf_file import GGUFTensors
+from qwen3moe_jax.io.gguf_file import GGUFTensors, write_gguf
+from qwen3moe_jax.model import named_leaves
 from qwen3moe_jax.parity import hf_logits
 from tests.hf_reference import save_hf_model
 
@@ -100,3 +101,20 @@ def test_errors_name_the_problem(hf_gguf_ready, tmp_path):
     unnormalised = qj.Model(model.config.replace(norm_topk_prob=False), model.params, None)
     with pytest.raises(qj.ConfigError, match="norm_topk_prob"):
         qj.save_gguf(unnormalised, tmp_path / "x.gguf")
+
+
+def test_missing_tensor_and_unsupported_type_are_named(hf_gguf_ready, tmp_path):
+    model = qj.load(hf_gguf_ready[0], progress=False)
+    arrays = {name: np.asarray(a) for name, a in named_leaves(model.params).items()}
+    del arrays["layers.1.attn.k_norm"]
+    write_gguf(tmp_path / "partial.gguf", model.config, arrays)
+    with pytest.raises(qj.CheckpointError, match=r"blk\.1\.attn_k_norm"):
+        qj.load(tmp_path / "partial.gguf", progress=False)
+
+    iq = GGMLQuantizationType.IQ4_NL
+    writer = GGUFWriter(str(tmp_path / "iq.gguf"), "qwen3moe")
+    raw = np.zeros(quants.quant_shape_to_byte_shape((4, 256), iq), np.uint8)
+    writer.add_tensor("x", raw, raw_shape=raw.shape, raw_dtype=iq)
+    _finish(writer)
+    with pytest.raises(qj.CheckpointError, match="IQ4_NL"):
+        GGUFTensors(tmp_path / "iq.gguf").get("x")
