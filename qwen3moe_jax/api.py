@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ from qwen3moe_jax.io.gguf_file import (
     gguf_name,
     is_gguf_file,
     read_gguf_config,
+    read_gguf_tokenizer,
     write_gguf,
 )
-from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config
+from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config, read_hf_tokenizer
 from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.tokenizer import Tokenizer
@@ -49,12 +50,15 @@ class Model:
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
 
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise Qwen3MoeError("this model has no tokenizer: pass token ids instead of text")
+        return self.tokenizer
+
     def encode(self, ids: str | Sequence[int]) -> list[int]:
         """Token ids of `ids`: a string goes through the tokenizer, a sequence is taken as ids."""
         if isinstance(ids, str):
-            if self.tokenizer is None:
-                raise Qwen3MoeError("this model has no tokenizer: pass token ids instead of text")
-            return self.tokenizer.encode(ids)
+            return self._require_tokenizer().encode(ids)
         return [int(t) for t in ids]
 
     def logits(self, ids: str | Sequence[int]) -> np.ndarray:
@@ -81,6 +85,31 @@ class Model:
         prompt = self.encode(ids)
         stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
         return list(self.engine.generate(prompt, max_new_tokens, sampling or SamplingParams(), stops))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        max_new_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...]), prompted through
+        the chat template; template_kwargs (e.g. enable_thinking=False, tools=[...]) reach the template.
+        Generation stops at an EOS token or <|im_end|>, which the reply leaves out."""
+        tokenizer = self._require_tokenizer()
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        stops = self.chat_stop_ids()
+        reply = self.generate(prompt, max_new_tokens, sampling, stop_token_ids=stops)
+        if reply and reply[-1] in stops:
+            reply = reply[:-1]
+        return tokenizer.decode(reply)
+
+    def chat_stop_ids(self) -> list[int]:
+        """Tokens that end an assistant turn: the EOS ids and <|im_end|>."""
+        stops = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and (im_end := self.tokenizer.token_id("<|im_end|>")) is not None:
+            stops.add(im_end)
+        return sorted(stops)
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -111,14 +140,13 @@ def load(
         params = materialize(
             config, lambda name: hf_tensor_source(name, config, reader), dtype, progress, f"loading {path.name}"
         )
-    tokenizer_file = path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
-    return Model(config, params, tokenizer, max_seq_len)
+    return Model(config, params, read_hf_tokenizer(path), max_seq_len)
 
 
 def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) -> Model:
     tensors = GGUFTensors(path)
     config = read_gguf_config(tensors)
+    tokenizer = read_gguf_tokenizer(tensors)
     shapes = named_leaves(param_specs(config))
 
     def source(name: str):
@@ -127,13 +155,14 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) 
         )
 
     params = materialize(config, source, dtype, progress, f"loading {path.name}")
-    return Model(config, params, None, max_seq_len)
+    return Model(config, params, tokenizer, max_seq_len)
 
 
-def save_gguf(model: Model, path: str | Path, qtype: str = "F32") -> None:
-    """Export the model's weights and config as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0)."""
+def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
+    """Export the model as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0): weights, config and,
+    when the model has one and with_tokenizer is set, the tokenizer with its chat template."""
     arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
-    write_gguf(path, model.config, arrays, qtype)
+    write_gguf(path, model.config, arrays, qtype, model.tokenizer if with_tokenizer else None)
 
 
 def random_model(

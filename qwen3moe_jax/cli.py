@@ -1,4 +1,5 @@
-"""Command line: `qwen3moe-jax generate --model PATH --prompt TEXT` streams a completion to stdout."""
+"""Command line: `qwen3moe-jax generate --model PATH --prompt TEXT` streams a completion to stdout;
+with --chat the prompt is a user message, formatted by the model's chat template."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from qwen3moe_jax.sampling import SamplingParams
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint: a Hugging Face directory (config.json + *.safetensors)")
+    src.add_argument("--model", help="checkpoint: a GGUF file or a Hugging Face directory")
     src.add_argument("--preset", choices=preset_names(), help="random weights at a named shape (configs/)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
@@ -48,7 +49,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
     )
     model = _build_model(args)
-    prompt = model.encode(args.prompt)
+    text, stops = args.prompt, model.config.eos_token_ids
+    if args.chat:
+        if model.tokenizer is None:
+            raise Qwen3MoeError("--chat needs a model with a tokenizer")
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                   enable_thinking=not args.no_think)
+        stops = model.chat_stop_ids()
+    prompt = model.encode(text)
     print(f"[compiling and prefilling {len(prompt)} tokens]", file=sys.stderr)
     start = time.perf_counter()
     first_token_at = None
@@ -56,13 +64,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def timed_tokens():
         nonlocal first_token_at, count
-        stops = model.config.eos_token_ids
         for token in model.engine.generate(prompt, args.max_new_tokens, sampling, stops):
             first_token_at = first_token_at or time.perf_counter()
             count += 1
-            yield token
+            if not (args.chat and token in stops):  # a chat reply ends at <|im_end|> without printing it
+                yield token
 
-    sys.stdout.write(args.prompt)
+    sys.stdout.write("" if args.chat else args.prompt)
     pieces = model.tokenizer.decode_stream(timed_tokens()) if model.tokenizer else map(" {}".format, timed_tokens())
     for piece in pieces:
         sys.stdout.write(piece)
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion of a prompt")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message via the chat template")
+    gen.add_argument("--no-think", action="store_true", help="with --chat: Qwen3's enable_thinking=False")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     return parser

@@ -19,3 +19,7 @@ class ContextLengthError(Qwen3MoeError, ValueError):
 
 class SamplingError(Qwen3MoeError, ValueError):
     """Sampling parameters or logits are out of range."""
+
+
+class ChatTemplateError(Qwen3MoeError, ValueError):
+    """Chat messages are malformed, or the chat template rejected them or could not be rendered."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # The suite compares against CPU references and must behave the same on a GPU machine: pin it to CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,3 +23,20 @@ def hf_tiny(tmp_path_factory):
         intermediate_size=56, mlp_only_layers=[1], norm_topk_prob=True, vocab_size=300,
     )
     return path, model
+
+
+# Text that exercises every branch of the pre-tokenizer and byte-level decoding: code, whitespace runs,
+# contractions, digits, CJK, accents, emoji (including a ZWJ sequence) and special tokens.
+MIXED_TEXT = (
+    "def add(a, b):\n    return a + b  # 加法\n\n\n日本語のテキスト、中文文本。 I'm sure it's 3.14159!\t"
+    "café naïve résumé — 😀🚀👩‍💻 <|im_start|>user\nhello<|im_end|>\n<|endoftext|>  trailing  "
+)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A real byte-level BPE vocabulary (512 tokens) learned from a small mixed-language corpus."""
+    from qwen3moe_jax.tokenizer import Tokenizer
+
+    corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text()
+    return Tokenizer.train(corpus.splitlines(keepends=True), vocab_size=512)

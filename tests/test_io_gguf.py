@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from transformers import Qwen3MoeForCausalLM
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.io.gguf_file import GGUFTensors, write_gguf
+from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors, write_gguf
 from qwen3moe_jax.model import named_leaves
 from qwen3moe_jax.parity import hf_logits
 from tests.hf_reference import save_hf_model
@@ -118,3 +118,21 @@ def test_missing_tensor_and_unsupported_type_are_named(hf_gguf_ready, tmp_path):
     _finish(writer)
     with pytest.raises(qj.CheckpointError, match="IQ4_NL"):
         GGUFTensors(tmp_path / "iq.gguf").get("x")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN/inf from random scale bytes
+@pytest.mark.parametrize("qtype", sorted(READABLE_TYPES - {GGMLQuantizationType.F32}, key=lambda t: t.value),
+                         ids=lambda t: t.name)
+def test_blocks_are_kept_and_dequantized_as_the_gguf_package_does(tmp_path, qtype):
+    """Arbitrary bytes as blocks (scales included, so NaN/inf appear too): the loader hands back the file's
+    bytes untouched for a quantized path, and the gguf package's dequantization of them for the float path.
+    (tests/test_parity_llamacpp.py checks the same against ggml's own codecs.)"""
+    raw = np.random.default_rng(qtype.value).integers(0, 256, quants.quant_shape_to_byte_shape((3, 512), qtype),
+                                                      dtype=np.uint8)
+    writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
+    writer.add_tensor("t", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    _finish(writer)
+    stored = GGUFTensors(tmp_path / "t.gguf").raw("t")
+    assert stored.qtype == qtype
+    np.testing.assert_array_equal(stored.blocks.view(np.uint8).reshape(raw.shape), raw)
+    np.testing.assert_array_equal(stored.dequantize(), quants.dequantize(raw, qtype).reshape(3, 512))

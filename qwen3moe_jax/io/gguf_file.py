@@ -1,5 +1,5 @@
 """GGUF files of llama.cpp's `qwen3moe` architecture: read (memory-mapped, dequantized tensor by tensor with
-the `gguf` package) and write (F32, F16, BF16, Q8_0).
+the `gguf` package) and write (F32, F16, BF16, Q8_0), weights with tokenizer and chat template.
 
 llama.cpp's qwen3moe graph always renormalises the top-k router weights and has no dense MLP layers, so
 a GGUF file means norm_topk_prob=True and every layer MoE; the writer refuses configs it cannot express.
@@ -8,6 +8,7 @@ GGUF numpy shapes are ggml's `ne` reversed, which makes every linear weight [out
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError, ConfigError
+from qwen3moe_jax.tokenizer import GGUFVocab, Tokenizer
 
 ARCH = "qwen3moe"
 Q = GGMLQuantizationType
@@ -32,7 +34,7 @@ def is_gguf_file(path: Path) -> bool:
 
 def gguf_name(name: str) -> str:
     """Our param name -> the GGUF tensor name (llama.cpp's names, kept as they are)."""
-    top = {"embed": "token_embd", "final_norm": "output_norm", "lm_head": "output"}
+    top = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
     if name in top:
         return top[name]
     _, layer, *rest = name.split(".")
@@ -43,7 +45,7 @@ def gguf_name(name: str) -> str:
         "mlp.router": "ffn_gate_inp", "mlp.gate": "ffn_gate_exps", "mlp.up": "ffn_up_exps",
         "mlp.down": "ffn_down_exps",
     }[".".join(rest)]
-    return f"blk.{layer}.{leaf}"
+    return f"blk.{layer}.{leaf}.weight"
 
 
 def from_gguf_layout(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -69,8 +71,22 @@ def to_gguf_layout(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One GGUF tensor as stored: `blocks` is the memory-mapped data in GGUF's numpy layout (for block
+    types, uint8 rows of blocks along the last axis). An on-device quantized path takes these as they are;
+    the float path calls dequantize()."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    blocks: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        return quants.dequantize(self.blocks, self.qtype)
+
+
 class GGUFTensors:
-    """The tensors of a memory-mapped GGUF file, dequantized on request."""
+    """The tensors of a memory-mapped GGUF file, read raw or dequantized on request."""
 
     def __init__(self, path: Path):
         try:
@@ -85,6 +101,10 @@ class GGUFTensors:
         return default if field is None else field.contents()
 
     def get(self, gguf_tensor: str) -> np.ndarray:
+        """The tensor dequantized to float32 (F16/BF16 widened), in GGUF's numpy layout."""
+        return self.raw(gguf_tensor).dequantize()
+
+    def raw(self, gguf_tensor: str) -> QuantizedTensor:
         tensor = self.tensors.get(gguf_tensor)
         if tensor is None:
             raise CheckpointError(f"tensor {gguf_tensor!r} is missing from {self.path}")
@@ -93,7 +113,7 @@ class GGUFTensors:
                 f"tensor {gguf_tensor!r} in {self.path} has type {tensor.tensor_type.name}, which this loader "
                 f"does not read; supported: {', '.join(sorted(t.name for t in READABLE_TYPES))}"
             )
-        return quants.dequantize(tensor.data, tensor.tensor_type)
+        return QuantizedTensor(gguf_tensor, tensor.tensor_type, tensor.data)
 
 
 def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
@@ -111,7 +131,7 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
     eos = tensors.field("tokenizer.ggml.eos_token_id")
     vocab = tensors.field("tokenizer.ggml.tokens")
     return ModelConfig(
-        vocab_size=len(vocab) if vocab is not None else int(tensors.tensors["token_embd"].shape[1]),
+        vocab_size=len(vocab) if vocab is not None else int(tensors.tensors["token_embd.weight"].shape[1]),
         hidden_size=hidden,
         num_layers=key("block_count"),
         num_heads=heads,
@@ -124,10 +144,39 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
         norm_topk_prob=True,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=float(key("rope.freq_base", 10000.0)),
-        tie_word_embeddings="output" not in tensors.tensors,
+        tie_word_embeddings="output.weight" not in tensors.tensors,
         max_position_embeddings=key("context_length"),
         bos_token_id=tensors.field("tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (eos,),
+    )
+
+
+def read_gguf_tokenizer(tensors: GGUFTensors) -> Tokenizer | None:
+    """The tokenizer and chat template in the file's metadata; None when it has no vocabulary."""
+    model = tensors.field("tokenizer.ggml.model")
+    if model is None:
+        return None
+    pre = tensors.field("tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "qwen2":
+        raise CheckpointError(
+            f"{tensors.path} has tokenizer model {model!r} with pre-tokenizer {pre!r}; "
+            "Qwen3 uses 'gpt2' (byte-level BPE) with 'qwen2'"
+        )
+    vocab = GGUFVocab(
+        tokens=tensors.field("tokenizer.ggml.tokens"),
+        token_types=tensors.field("tokenizer.ggml.token_type"),
+        merges=tensors.field("tokenizer.ggml.merges", []),
+    )
+
+    def token(key: str) -> str | None:
+        i = tensors.field(key)
+        return vocab.tokens[i] if i is not None and 0 <= i < len(vocab.tokens) else None
+
+    return Tokenizer.from_gguf_vocab(
+        vocab,
+        chat_template=tensors.field("tokenizer.chat_template"),
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+        eos_token=token("tokenizer.ggml.eos_token_id"),
     )
 
 
@@ -139,8 +188,15 @@ def check_gguf_expressible(config: ModelConfig) -> None:
         raise ConfigError("GGUF qwen3moe has no dense MLP layers; this model has some (mlp_only_layers/sparse step)")
 
 
-def write_gguf(path: str | Path, config: ModelConfig, named_arrays: dict[str, np.ndarray], qtype: str = "F32") -> None:
-    """Write params (our names -> numpy arrays in our layout) as a qwen3moe GGUF file.
+def write_gguf(
+    path: str | Path,
+    config: ModelConfig,
+    named_arrays: dict[str, np.ndarray],
+    qtype: str = "F32",
+    tokenizer: Tokenizer | None = None,
+) -> None:
+    """Write params (our names -> numpy arrays in our layout), and the tokenizer with its chat template
+    when given, as a qwen3moe GGUF file.
 
     Matrices are stored in `qtype`; norm vectors stay F32 as llama.cpp's converter keeps them. A matrix
     whose rows do not divide into the type's blocks is stored F32.
@@ -165,6 +221,8 @@ def write_gguf(path: str | Path, config: ModelConfig, named_arrays: dict[str, np
     writer.add_expert_count(c.num_experts)
     writer.add_expert_used_count(c.num_experts_per_tok)
     writer.add_file_type({"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}[qtype])
+    if tokenizer is not None:
+        _add_tokenizer(writer, config, tokenizer)
     for name, array in named_arrays.items():
         data = np.ascontiguousarray(to_gguf_layout(name, np.asarray(array, np.float32)))
         block = quants.GGML_QUANT_SIZES[target][0]
@@ -176,3 +234,24 @@ def write_gguf(path: str | Path, config: ModelConfig, named_arrays: dict[str, np
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_tokenizer(writer: GGUFWriter, config: ModelConfig, tokenizer: Tokenizer) -> None:
+    vocab = tokenizer.to_gguf_vocab(config.vocab_size)
+    if not vocab.merges:  # the gguf writer drops empty arrays, and llama.cpp refuses a BPE file without merges
+        raise ConfigError("this tokenizer has no BPE merges, which a GGUF file cannot carry; save without it")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    if config.bos_token_id is not None:
+        writer.add_bos_token_id(config.bos_token_id)
+    if config.eos_token_ids:
+        writer.add_eos_token_id(config.eos_token_ids[0])
+    pad = tokenizer.token_id("<|endoftext|>")
+    if pad is not None:
+        writer.add_pad_token_id(pad)
+    writer.add_add_bos_token(False)  # Qwen prompts start without a BOS token
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)

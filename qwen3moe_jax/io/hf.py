@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
+from qwen3moe_jax.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -137,3 +138,23 @@ def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsRe
 
 def read_hf_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_json_file(directory / "config.json")
+
+
+def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
+    """tokenizer.json with the chat template (chat_template.jinja, or tokenizer_config.json's
+    `chat_template`) and the bos/eos token strings; None when the directory has no tokenizer.json."""
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    template_file = directory / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+
+    def token(key: str) -> str | None:
+        value = config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return Tokenizer.from_file(directory / "tokenizer.json", chat_template=template,
+                               bos_token=token("bos_token"), eos_token=token("eos_token"))

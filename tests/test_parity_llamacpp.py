@@ -1,0 +1,131 @@
+"""Parity with llama.cpp (through llama-cpp-python, an optional extra): tokenization, dequantization by
+ggml's own codecs, logits and greedy decoding of GGUF files written by us or quantized by llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+import qwen3moe_jax as qj
+from qwen3moe_jax import llamacpp
+from qwen3moe_jax.chat import CHATML_TEMPLATE, render_chat
+from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors
+from qwen3moe_jax.tokenizer import Tokenizer
+from tests.conftest import MIXED_TEXT
+
+pytestmark = pytest.mark.skipif(not llamacpp.available(), reason=llamacpp.MISSING_REASON)
+
+PROMPTS = ["def fibonacci(n):\n    ", "混合专家模型", "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+           "It's a small model"]
+NEW_TOKENS = 32
+# Files llama.cpp quantizes from our F32 export; together they hold Q4_0, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K.
+LLAMA_QUANTIZED = ["Q4_0", "Q5_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory, bpe_tokenizer):
+    """One random-weight model (rows of 256, so K-quants apply everywhere) with a real BPE vocabulary, as
+    GGUF files: F32/F16/BF16/Q8_0 from our writer, the rest from llama.cpp's quantizer."""
+    config = qj.ModelConfig(
+        vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=0, norm_topk_prob=True,
+        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False, max_position_embeddings=512,
+        bos_token_id=0, eos_token_ids=(2,),
+    )
+    model = qj.random_model(config, seed=0, std=0.05)
+    model.tokenizer = Tokenizer(bpe_tokenizer.backend, CHATML_TEMPLATE)
+    directory = tmp_path_factory.mktemp("llamacpp")
+    files = {}
+    for qtype in ("F32", "F16", "BF16", "Q8_0"):
+        files[qtype] = directory / f"{qtype}.gguf"
+        qj.save_gguf(model, files[qtype], qtype)
+    for ftype in LLAMA_QUANTIZED:
+        files[ftype] = directory / f"{ftype}.gguf"
+        llamacpp.quantize_file(files["F32"], files[ftype], ftype)
+    return files
+
+
+def test_tokenization_matches_llamacpp(gguf_files):
+    ours = qj.load(gguf_files["F32"], progress=False).tokenizer
+    with llamacpp.LlamaCpp(gguf_files["F32"], vocab_only=True) as reference:
+        for text in [MIXED_TEXT, *PROMPTS, " leading space", "\n\n\ttabs\r\n", "ℝ∑∫ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
+            assert ours.encode(text) == reference.tokenize(text), text
+
+
+@pytest.mark.parametrize("qtype", sorted(READABLE_TYPES, key=lambda t: t.value), ids=lambda t: t.name)
+def test_dequantization_matches_ggml(tmp_path, qtype):
+    """Blocks made by ggml's quantizer, read back through a GGUF file by our loader, equal ggml's to_float."""
+    values = np.random.default_rng(qtype.value).standard_normal((6, 512)).astype(np.float32)
+    if qtype == GGMLQuantizationType.F32:
+        blocks = values
+    elif qtype == GGMLQuantizationType.F16:
+        blocks = values.astype(np.float16)
+    else:
+        blocks = llamacpp.ggml_quantize(values, qtype)
+    writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
+    writer.add_tensor("t", blocks, raw_dtype=None if blocks.dtype != np.uint8 else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = GGUFTensors(tmp_path / "t.gguf").get("t")
+    expected = llamacpp.ggml_dequantize(blocks, qtype, values.shape)
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_greedy_tokens_and_logits_equal_llamacpp(gguf_files, qtype):
+    """F32 runs in f32 in both; for F16 weights llama.cpp rounds activations to f16 in its dot products,
+    which moves logits by ~2e-3, below every top-2 gap on these prompts."""
+    ours = qj.load(gguf_files[qtype], progress=False)
+    tolerance = {"F32": 1e-4, "F16": 1e-2}[qtype]
+    with llamacpp.LlamaCpp(gguf_files[qtype]) as reference:
+        for prompt in PROMPTS:
+            ids = ours.tokenizer.encode(prompt)
+            np.testing.assert_allclose(ours.logits(ids)[-1], reference.logits(ids)[-1], atol=tolerance, rtol=0)
+            assert ours.generate(ids, NEW_TOKENS, stop_token_ids=[]) == reference.greedy(ids, NEW_TOKENS), prompt
+
+
+@pytest.mark.parametrize("name", ["BF16", "Q8_0", *LLAMA_QUANTIZED])
+def test_quantized_files_give_llamacpps_logits(gguf_files, name):
+    """llama.cpp's CPU kernels quantize activations (to bf16, or 8-bit blocks) when weights are quantized, so
+    logits are compared along llama.cpp's own greedy path: ours must sit far closer to llama.cpp on the
+    same file than the unquantized model does (the weights we dequantized are the ones it used), and
+    our argmax must take llama.cpp's token at nearly every step (misses are top-2 near-ties)."""
+    path = gguf_files[name]
+    ours = qj.load(path, progress=False)
+    unquantized = qj.load(gguf_files["F32"], progress=False)
+    tensor_types = {t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert tensor_types - {"F32"}, "the file must hold quantized tensors"
+    ours_err, unquantized_err, agree = [], [], []
+    with llamacpp.LlamaCpp(path) as reference:
+        for prompt in PROMPTS:
+            ids = ours.tokenizer.encode(prompt)
+            path_ids = ids + reference.greedy(ids, NEW_TOKENS)
+            theirs = reference.logits(path_ids)[len(ids) - 1: -1]
+            mine = ours.logits(path_ids)[len(ids) - 1: -1]
+            ours_err.append(np.abs(mine - theirs).mean())
+            unquantized_err.append(np.abs(unquantized.logits(path_ids)[len(ids) - 1: -1] - theirs).mean())
+            agree.append(np.mean(mine.argmax(-1) == np.array(path_ids[len(ids):])))
+    ours_err, unquantized_err = np.mean(ours_err), np.mean(unquantized_err)
+    assert ours_err < 0.05, (tensor_types, ours_err)
+    assert ours_err < unquantized_err / 2, (tensor_types, ours_err, unquantized_err)
+    assert np.mean(agree) >= 0.85, (tensor_types, agree)
+
+
+def test_chatml_fallback_formats_as_llamacpp_does():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 😀"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "混合专家?"}]
+    for add_generation_prompt in (True, False):
+        assert render_chat(None, messages, add_generation_prompt) == llamacpp.chat_apply_template(
+            CHATML_TEMPLATE, messages, add_generation_prompt)
+
+
+def test_llamacpp_reads_our_metadata(gguf_files):
+    with llamacpp.LlamaCpp(gguf_files["Q8_0"], vocab_only=True) as reference:
+        metadata = reference.llm.metadata
+    ours = qj.load(gguf_files["Q8_0"], progress=False)
+    assert metadata["tokenizer.ggml.pre"] == "qwen2"
+    assert int(metadata["tokenizer.ggml.eos_token_id"]) == ours.config.eos_token_ids[0] == 2
+    assert metadata["tokenizer.chat_template"] == ours.tokenizer.chat_template == CHATML_TEMPLATE
