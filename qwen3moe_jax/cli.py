@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (Qwen3MoeError, NotImplementedError) as err:
+    except Qwen3MoeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.config import ModelConfig
-from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
+from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import Params, forward, lm_logits
-from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
 
 MIN_BUCKET = 16
 
@@ -31,24 +31,38 @@ def bucket_length(n: int, max_len: int) -> int:
     return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
 
 
-@partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@partial(jax.jit, static_argnames="config", donate_argnames=("cache", "history"))
 def prefill_step(
-    params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, config: ModelConfig
-) -> tuple[jax.Array, KVCache]:
-    """Fill cache slots 0..T-1 from right-padded prompts tokens [B, T]; logits [B, V] at each row's last token."""
+    params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, history: jax.Array,
+    sampler: SamplerState, config: ModelConfig,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """Fill cache slots 0..T-1 from right-padded prompts tokens [B, T] (history [B, S] already holds them).
+
+    Returns the sampled next token [B] (-1 where the logits hold NaN), the logits [B, V] at each row's
+    last prompt token, the cache and the history.
+    """
     start = jnp.zeros(tokens.shape[0], jnp.int32)
     hidden, cache = forward(params, tokens, start, cache, config)
-    last = hidden[jnp.arange(tokens.shape[0]), lengths - 1]
-    return lm_logits(params, last), cache
+    logits = lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1])
+    return _checked_sample(logits, sampler, history, lengths), logits, cache, history
 
 
-@partial(jax.jit, static_argnames="config", donate_argnames="cache")
+@partial(jax.jit, static_argnames="config", donate_argnames=("cache", "history"))
 def decode_step(
-    params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, config: ModelConfig
-) -> tuple[jax.Array, KVCache]:
-    """One token per row, tokens [B] at positions [B]; returns logits [B, V]."""
+    params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, history: jax.Array,
+    sampler: SamplerState, config: ModelConfig,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """One token per row, tokens [B] at positions [B]: records them in the history, runs the model and
+    samples the next token. Returns (next token [B], logits [B, V], cache, history)."""
+    history = history.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
     hidden, cache = forward(params, tokens[:, None], positions, cache, config)
-    return lm_logits(params, hidden[:, 0]), cache
+    logits = lm_logits(params, hidden[:, 0])
+    return _checked_sample(logits, sampler, history, positions + 1), logits, cache, history
+
+
+def _checked_sample(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array) -> jax.Array:
+    # NaN logits cannot raise inside jit: mark the row with -1 and let the host loop raise.
+    return jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length))
 
 
 @partial(jax.jit, static_argnames="config")
@@ -58,9 +72,6 @@ def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.A
     cache = KVCache.init(config, B, T, params.embed.dtype)
     hidden, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
     return lm_logits(params, hidden)
-
-
-greedy_token = jax.jit(partial(jnp.argmax, axis=-1))
 
 
 class Engine:
@@ -116,29 +127,33 @@ class Engine:
         """Yield new token ids one by one until a stop id (yielded) or max_new_tokens."""
         self.check_tokens(prompt)
         self.check_request(len(prompt), max_new_tokens)
-        if not sampling.is_greedy or sampling.repeat_penalty != 1.0:
-            raise NotImplementedError(
-                "only greedy decoding without repetition penalty is implemented so far "
-                "(temperature=0 or top_k=1, repeat_penalty=1.0)"
-            )
-        return self._greedy(list(prompt), max_new_tokens, frozenset(stop_token_ids))
+        return self._run(list(prompt), max_new_tokens, sampling, frozenset(stop_token_ids))
 
-    def _greedy(self, prompt: list[int], max_new_tokens: int, stops: frozenset[int]) -> Iterator[int]:
+    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams,
+             stops: frozenset[int]) -> Iterator[int]:
         cache = self._take_cache()
         try:
             n = len(prompt)
             padded = np.zeros((self.batch_size, bucket_length(n, self.max_seq_len)), np.int32)
             padded[:, :n] = prompt
+            history = np.zeros((self.batch_size, self.max_seq_len), np.int32)
+            history[:, :n] = prompt
+            sampler = SamplerState.from_params([sampling] * self.batch_size)
             lengths = jnp.full((self.batch_size,), n, jnp.int32)
-            logits, cache = prefill_step(self.params, jnp.asarray(padded), lengths, cache, self.config)
+            token, _, cache, history = prefill_step(
+                self.params, jnp.asarray(padded), lengths, cache, jnp.asarray(history), sampler, self.config
+            )
             for step in range(max_new_tokens):
-                token = greedy_token(logits)
                 token_id = int(token[0])  # the only host transfer per step
+                if token_id < 0:
+                    raise SamplingError("the model produced NaN logits; the weights or inputs are broken")
                 yield token_id
                 if token_id in stops or step == max_new_tokens - 1:
                     return
                 positions = jnp.full((self.batch_size,), n + step, jnp.int32)
-                logits, cache = decode_step(self.params, token, positions, cache, self.config)
+                token, _, cache, history = decode_step(
+                    self.params, token, positions, cache, history, sampler, self.config
+                )
         finally:
             if not any(a.is_deleted() for a in cache.k):
                 self._cache = cache

@@ -8,6 +8,7 @@ import pytest
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.engine import bucket_length, decode_step, prefill_step
+from qwen3moe_jax.sampling import SamplerState
 
 
 @pytest.fixture(scope="module")
@@ -15,18 +16,27 @@ def model(hf_tiny):
     return qj.load(hf_tiny[0], max_seq_len=64, progress=False)
 
 
+def _greedy_state(rows, max_len):
+    return SamplerState.from_params([qj.SamplingParams()] * rows), jnp.zeros((rows, max_len), jnp.int32)
+
+
 def _prefill(model, prompts, cache):
+    """The step's logits and cache (its sampled token and history are the engine's business)."""
     lengths = [len(p) for p in prompts]
     padded = np.zeros((len(prompts), bucket_length(max(lengths), cache.max_len)), np.int32)
     for row, p in enumerate(prompts):
         padded[row, : len(p)] = p
-    return prefill_step(model.params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), cache, model.config)
+    sampler, history = _greedy_state(len(prompts), cache.max_len)
+    _, logits, cache, _ = prefill_step(model.params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), cache,
+                                       history, sampler, model.config)
+    return logits, cache
 
 
 def _decode(model, tokens, positions, cache):
-    return decode_step(
-        model.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache, model.config
-    )
+    sampler, history = _greedy_state(len(tokens), cache.max_len)
+    _, logits, cache, _ = decode_step(model.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                                      cache, history, sampler, model.config)
+    return logits, cache
 
 
 @pytest.mark.parametrize("n,m", [(1, 6), (15, 4), (16, 4), (17, 8), (31, 5), (33, 3)])
