@@ -50,8 +50,6 @@ def render_chat(
         return _compile(template or CHATML_TEMPLATE).render(
             messages=list(messages), add_generation_prompt=add_generation_prompt, **kwargs
         )
-    except ChatTemplateError:
-        raise
     except jinja2.TemplateError as err:
         raise ChatTemplateError(f"the chat template failed: {err}") from None
     except TypeError as err:  # e.g. string + None when a message lacks content

@@ -72,9 +72,9 @@ def compare_with_llamacpp(path: str | Path, prompts: list[str], new_tokens: int 
     if ours.tokenizer is None:
         raise qj.CheckpointError(f"{path} has no tokenizer; the comparison starts from text")
     rows = []
-    with LlamaCpp(path, n_ctx=max(len(ours.tokenizer.encode(p)) for p in prompts) + new_tokens + 1) as ref:
-        for prompt in prompts:
-            ids = ours.tokenizer.encode(prompt)
+    encoded = [ours.tokenizer.encode(prompt) for prompt in prompts]
+    with LlamaCpp(path, n_ctx=max(map(len, encoded)) + new_tokens + 1) as ref:
+        for prompt, ids in zip(prompts, encoded, strict=True):
             theirs_greedy = ref.greedy(ids, new_tokens)
             path_ids = ids + theirs_greedy
             theirs = ref.logits(path_ids)[len(ids) - 1: -1]

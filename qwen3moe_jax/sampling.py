@@ -44,10 +44,6 @@ class SamplingParams:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise SamplingError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
 
 # The sampler: pure functions on [B, V] logits, jit-compiled into the decode step. Every parameter is a
 # traced per-row array, so changing them between requests never recompiles.

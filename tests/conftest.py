@@ -40,3 +40,11 @@ def bpe_tokenizer():
 
     corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text()
     return Tokenizer.train(corpus.splitlines(keepends=True), vocab_size=512)
+
+
+def finish_gguf(writer) -> None:
+    """Write out a gguf.GGUFWriter the tests filled by hand (header, metadata, tensors) and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -12,16 +12,11 @@ import qwen3moe_jax as qj
 from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors, write_gguf
 from qwen3moe_jax.model import named_leaves
 from qwen3moe_jax.parity import hf_logits
+from tests.conftest import finish_gguf
 from tests.hf_reference import save_hf_model
 
 IDS = [0, 5, 9, 100, 3, 7, 8, 22, 1, 64, 127, 31]
 
-
-def _finish(writer: GGUFWriter) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +67,7 @@ def test_dequantization_matches_the_gguf_package(tmp_path, qtype):
     data = np.random.default_rng(0).normal(size=(6, 256)).astype(np.float32)
     writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
     writer.add_tensor("x", quants.quantize(data, target), raw_dtype=target)
-    _finish(writer)
+    finish_gguf(writer)
     got = GGUFTensors(tmp_path / "t.gguf").get("x")
     np.testing.assert_array_equal(got, quants.dequantize(quants.quantize(data, target), target))
     assert got.shape == data.shape
@@ -89,7 +84,7 @@ def test_errors_name_the_problem(hf_gguf_ready, tmp_path):
 
     writer = GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
     writer.add_tensor("token_embd", np.zeros((4, 8), np.float32))
-    _finish(writer)
+    finish_gguf(writer)
     with pytest.raises(qj.ConfigError, match="architecture 'llama'"):
         qj.load(tmp_path / "llama.gguf")
 
@@ -115,7 +110,7 @@ def test_missing_tensor_and_unsupported_type_are_named(hf_gguf_ready, tmp_path):
     writer = GGUFWriter(str(tmp_path / "iq.gguf"), "qwen3moe")
     raw = np.zeros(quants.quant_shape_to_byte_shape((4, 256), iq), np.uint8)
     writer.add_tensor("x", raw, raw_shape=raw.shape, raw_dtype=iq)
-    _finish(writer)
+    finish_gguf(writer)
     with pytest.raises(qj.CheckpointError, match="IQ4_NL"):
         GGUFTensors(tmp_path / "iq.gguf").get("x")
 
@@ -131,7 +126,7 @@ def test_blocks_are_kept_and_dequantized_as_the_gguf_package_does(tmp_path, qtyp
                                                       dtype=np.uint8)
     writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
     writer.add_tensor("t", raw, raw_shape=raw.shape, raw_dtype=qtype)
-    _finish(writer)
+    finish_gguf(writer)
     stored = GGUFTensors(tmp_path / "t.gguf").raw("t")
     assert stored.qtype == qtype
     np.testing.assert_array_equal(stored.blocks.view(np.uint8).reshape(raw.shape), raw)

@@ -12,7 +12,7 @@ from qwen3moe_jax import llamacpp
 from qwen3moe_jax.chat import CHATML_TEMPLATE, render_chat
 from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors
 from qwen3moe_jax.tokenizer import Tokenizer
-from tests.conftest import MIXED_TEXT
+from tests.conftest import MIXED_TEXT, finish_gguf
 
 pytestmark = pytest.mark.skipif(not llamacpp.available(), reason=llamacpp.MISSING_REASON)
 
@@ -65,10 +65,7 @@ def test_dequantization_matches_ggml(tmp_path, qtype):
         blocks = llamacpp.ggml_quantize(values, qtype)
     writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
     writer.add_tensor("t", blocks, raw_dtype=None if blocks.dtype != np.uint8 else qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     ours = GGUFTensors(tmp_path / "t.gguf").get("t")
     expected = llamacpp.ggml_dequantize(blocks, qtype, values.shape)
     np.testing.assert_array_equal(ours, expected)

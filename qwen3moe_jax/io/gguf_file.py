@@ -205,6 +205,7 @@ def write_gguf(
         raise ConfigError(f"GGUF type {qtype!r} is not writable; choose one of {', '.join(WRITABLE_TYPES)}")
     check_gguf_expressible(config)
     target = WRITABLE_TYPES[qtype]
+    block = quants.GGML_QUANT_SIZES[target][0]
     writer = GGUFWriter(str(path), ARCH)
     c = config
     writer.add_block_count(c.num_layers)
@@ -225,7 +226,6 @@ def write_gguf(
         _add_tokenizer(writer, config, tokenizer)
     for name, array in named_arrays.items():
         data = np.ascontiguousarray(to_gguf_layout(name, np.asarray(array, np.float32)))
-        block = quants.GGML_QUANT_SIZES[target][0]
         if data.ndim == 1 or target == Q.F32 or data.shape[-1] % block:
             writer.add_tensor(gguf_name(name), data)
         else:
