@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFWriter
 from transformers import PreTrainedTokenizerFast
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.chat import render_chat
-from qwen3moe_jax.errors import ChatTemplateError, ConfigError
+from qwen3moe_jax.errors import ChatTemplateError, CheckpointError, ConfigError
+from qwen3moe_jax.io.gguf_file import GGUFTensors, read_gguf_tokenizer
 from qwen3moe_jax.io.hf import read_hf_tokenizer
-from qwen3moe_jax.tokenizer import Tokenizer
-from tests.conftest import MIXED_TEXT
+from qwen3moe_jax.tokenizer import GGUFVocab, Tokenizer
+from tests.conftest import MIXED_TEXT, finish_gguf
 
 TEMPLATE = (Path(__file__).parent / "data" / "qwen3_style_chat_template.jinja").read_text()
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city (°C)",
@@ -165,3 +166,21 @@ def test_chat_replies_until_im_end(bpe_tokenizer):
     reply = model.chat(messages, max_new_tokens=12, enable_thinking=False)
     assert reply == model.tokenizer.decode(full[:-1] if full[-1] == 2 else full)
     assert "<|im_end|>" not in reply
+
+
+@pytest.mark.parametrize("model, pre", [("llama", "default"), ("gpt2", "llama-bpe")])
+def test_gguf_tokenizer_of_another_kind_is_refused(tmp_path, model, pre):
+    writer = GGUFWriter(str(tmp_path / "t.gguf"), "qwen3moe")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b"])
+    writer.add_token_types([1, 1])
+    finish_gguf(writer)
+    with pytest.raises(CheckpointError, match=f"tokenizer model '{model}' with pre-tokenizer '{pre}'"):
+        read_gguf_tokenizer(GGUFTensors(tmp_path / "t.gguf"))
+
+
+def test_gguf_vocabulary_with_mismatched_types_is_refused(bpe_tokenizer):
+    vocab = bpe_tokenizer.to_gguf_vocab(512)
+    with pytest.raises(CheckpointError, match="512 tokens but 511 types"):
+        Tokenizer.from_gguf_vocab(GGUFVocab(vocab.tokens, vocab.token_types[:-1], vocab.merges))
