@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qwen3moe_jax.config import ModelConfig, preset
 from qwen3moe_jax.engine import Engine, bucket_length, full_logits
-from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError
+from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError, SamplingError
+from qwen3moe_jax.generation import Completion, Event, OnToken, collect, stream_events
 from qwen3moe_jax.io import materialize
 from qwen3moe_jax.io.gguf_file import (
     GGUFTensors,
@@ -74,35 +75,63 @@ class Model:
         padded[0, :n] = ids
         return np.asarray(full_logits(self.params, jnp.asarray(padded), self.config))[0, :n]
 
-    def generate(
+    def stream(
         self,
         ids: str | Sequence[int],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-    ) -> list[int]:
-        """New token ids only. Stops after an EOS / stop id (which is included) or max_new_tokens."""
+        *,
+        on_token: OnToken | None = None,
+        **overrides: Any,
+    ) -> Iterator[Event]:
+        """Generate from `ids` (text or token ids), yielding an Event per new token (see generation.py).
+
+        `sampling` holds the request's settings (default: greedy, 32 tokens, the model's EOS ids as
+        stops); max_new_tokens and any other SamplingParams field given as a keyword override it
+        (to generate until the cache is full, give SamplingParams(max_new_tokens=None)).
+        `on_token(token_id)` is called for every new token before the stop checks; returning False ends
+        generation there, as does closing the iterator. Bad requests raise here, before anything runs.
+        """
         prompt = self.encode(ids)
-        stops = self.config.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
-        return list(self.engine.generate(prompt, max_new_tokens, sampling or SamplingParams(), stops))
+        if max_new_tokens is not None:
+            overrides["max_new_tokens"] = max_new_tokens
+        sampling = _with_overrides(sampling or SamplingParams(), overrides)
+        self.engine.check_tokens(prompt)
+        self.engine.check_request(len(prompt), sampling.max_new_tokens)
+        if sampling.stop and self.tokenizer is None:
+            raise SamplingError("stop strings need a model with a tokenizer; give stop_token_ids instead")
+        eos = self.config.eos_token_ids
+        stops = eos if sampling.stop_token_ids is None else sampling.stop_token_ids
+        return stream_events(self.engine, self.tokenizer, prompt, sampling, stops, eos, on_token)
+
+    def complete(self, ids: str | Sequence[int], max_new_tokens: int | None = None,
+                 sampling: SamplingParams | None = None, *, on_token: OnToken | None = None,
+                 **overrides: Any) -> Completion:
+        """`stream` run to the end: token ids, text, finish reason, usage and logprobs together."""
+        return collect(self.stream(ids, max_new_tokens, sampling, on_token=on_token, **overrides))
+
+    def generate(self, ids: str | Sequence[int], max_new_tokens: int | None = None,
+                 sampling: SamplingParams | None = None, *, on_token: OnToken | None = None,
+                 **overrides: Any) -> list[int]:
+        """The new token ids of `stream` (a stop token that ended generation is included)."""
+        return self.complete(ids, max_new_tokens, sampling, on_token=on_token, **overrides).token_ids
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         sampling: SamplingParams | None = None,
         **template_kwargs: Any,
     ) -> str:
         """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...]), prompted through
         the chat template; template_kwargs (e.g. enable_thinking=False, tools=[...]) reach the template.
-        Generation stops at an EOS token or <|im_end|>, which the reply leaves out."""
-        tokenizer = self._require_tokenizer()
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-        stops = self.chat_stop_ids()
-        reply = self.generate(prompt, max_new_tokens, sampling, stop_token_ids=stops)
-        if reply and reply[-1] in stops:
-            reply = reply[:-1]
-        return tokenizer.decode(reply)
+        Unless `sampling` names stop ids, generation stops at an EOS token or <|im_end|>."""
+        prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
+                                                               **template_kwargs)
+        sampling = sampling or SamplingParams()
+        if sampling.stop_token_ids is None:
+            sampling = dataclasses.replace(sampling, stop_token_ids=self.chat_stop_ids())
+        return self.complete(prompt, max_new_tokens, sampling).text
 
     def chat_stop_ids(self) -> list[int]:
         """Tokens that end an assistant turn: the EOS ids and <|im_end|>."""
@@ -110,6 +139,13 @@ class Model:
         if self.tokenizer is not None and (im_end := self.tokenizer.token_id("<|im_end|>")) is not None:
             stops.add(im_end)
         return sorted(stops)
+
+
+def _with_overrides(sampling: SamplingParams, overrides: dict[str, Any]) -> SamplingParams:
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SamplingParams)})
+    if unknown:
+        raise SamplingError(f"unknown sampling parameters {unknown}; see qwen3moe_jax.SamplingParams")
+    return dataclasses.replace(sampling, **overrides)
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -176,7 +212,7 @@ def random_model(
     when the vocabulary fits one (256 bytes + Qwen specials)."""
     if isinstance(config, str):
         config = preset(config)
-    params = init_params(config, jax.random.key(seed), _resolve_dtype(dtype), std)
+    params = init_params(config, seed, _resolve_dtype(dtype), std)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
     return Model(config, params, tokenizer, max_seq_len)

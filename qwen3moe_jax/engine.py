@@ -1,10 +1,11 @@
-"""jit-compiled prefill and decode steps over a preallocated, donated KV cache, and the loop that drives them.
+"""jit-compiled prefill and decode steps over a preallocated, donated KV cache, and the step loop over them.
 
 - `prefill_step` runs a whole prompt padded to a length bucket (a power of two), so a new prompt length
   compiles only when it lands in a new bucket.
 - `decode_step` runs one token per row at per-row positions; its shapes never change, so it compiles
   once and never again, whatever the position.
 Both take the cache with `donate_argnames`, so XLA writes the new keys and values into the same buffer.
+The request-level loop (stop checks, text, callbacks) is in generation.py.
 """
 
 from __future__ import annotations
@@ -99,17 +100,16 @@ class Engine:
             self.config, self.batch_size, self.max_seq_len, self.dtype
         )
 
-    def check_request(self, prompt_len: int, max_new_tokens: int) -> None:
-        """KV-3: refuse up front a request the cache cannot hold."""
+    def check_request(self, prompt_len: int, max_new_tokens: int | None) -> None:
+        """KV-3: refuse up front a request the cache cannot hold (max_new_tokens None: fill the cache)."""
         if prompt_len < 1:
             raise Qwen3MoeError("the prompt is empty: give at least one token")
-        if max_new_tokens < 1:
-            raise Qwen3MoeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompt_len + max_new_tokens > self.max_seq_len:
+        wanted = 1 if max_new_tokens is None else max_new_tokens
+        if prompt_len + wanted > self.max_seq_len:
             raise ContextLengthError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{prompt_len + max_new_tokens} exceeds the KV cache length {self.max_seq_len}; "
-                "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len"
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({wanted}) = {prompt_len + wanted} exceeds "
+                f"the KV cache length {self.max_seq_len}; shorten the prompt, lower max_new_tokens, or load "
+                "with a larger max_seq_len"
             )
 
     def check_tokens(self, ids: Sequence[int]) -> None:
@@ -117,20 +117,14 @@ class Engine:
         if bad:
             raise Qwen3MoeError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingParams,
-        stop_token_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        """Yield new token ids one by one until a stop id (yielded) or max_new_tokens."""
-        self.check_tokens(prompt)
-        self.check_request(len(prompt), max_new_tokens)
-        return self._run(list(prompt), max_new_tokens, sampling, frozenset(stop_token_ids))
+    def tokens(self, prompt: Sequence[int], sampling: SamplingParams, limit: int) -> Iterator[tuple[int, jax.Array]]:
+        """Yield (token id, the logits [B, V] it was drawn from, on device) for up to `limit` new tokens.
 
-    def _run(self, prompt: list[int], max_new_tokens: int, sampling: SamplingParams,
-             stops: frozenset[int]) -> Iterator[int]:
+        The caller checks the request first (check_tokens, check_request) and decides when to stop:
+        closing this generator ends the request and gives the cache back. Each step is dispatched before
+        the previous token is handed out, so the device computes token i+1 while the host handles token i
+        (JAX dispatch is asynchronous); when the caller stops, that one step in flight is dropped.
+        """
         cache = self._take_cache()
         try:
             n = len(prompt)
@@ -140,20 +134,24 @@ class Engine:
             history[:, :n] = prompt
             sampler = SamplerState.from_params([sampling] * self.batch_size)
             lengths = jnp.full((self.batch_size,), n, jnp.int32)
-            token, _, cache, history = prefill_step(
+            token, logits, cache, history = prefill_step(
                 self.params, jnp.asarray(padded), lengths, cache, jnp.asarray(history), sampler, self.config
             )
-            for step in range(max_new_tokens):
-                token_id = int(token[0])  # the only host transfer per step
+            for step in range(limit):
+                token_id, token_logits = int(token[0]), logits  # the one host transfer per step
                 if token_id < 0:
                     raise SamplingError("the model produced NaN logits; the weights or inputs are broken")
-                yield token_id
-                if token_id in stops or step == max_new_tokens - 1:
-                    return
-                positions = jnp.full((self.batch_size,), n + step, jnp.int32)
-                token, _, cache, history = decode_step(
-                    self.params, token, positions, cache, history, sampler, self.config
-                )
+                if step < limit - 1:
+                    positions = jnp.full((self.batch_size,), n + step, jnp.int32)
+                    token, logits, cache, history = decode_step(
+                        self.params, token, positions, cache, history, sampler, self.config
+                    )
+                yield token_id, token_logits
         finally:
             if not any(a.is_deleted() for a in cache.k):
                 self._cache = cache
+
+    def warmup(self, prompt_len: int) -> None:
+        """Compile prefill for prompt_len's bucket, and decode, by running both once on a dummy prompt."""
+        for _ in self.tokens([0] * prompt_len, SamplingParams(), limit=2):
+            pass

@@ -1,5 +1,5 @@
 """llama.cpp as an independent reference, through llama-cpp-python (an optional extra: `pip install
-'qwen3moe-jax[llamacpp]'`). Used by the parity tests and scripts/parity_llamacpp.py; nothing else imports it.
+'qwen3moe-jax[llamacpp]'`). Used by the parity tests and qwen3moe_jax.parity; nothing else imports it.
 
 Two levels: `LlamaCpp` runs a GGUF file (tokenize, logits, greedy decoding) with an f32 KV cache and no
 flash attention, so its numerics differ from ours only where llama.cpp's CPU kernels quantize activations

@@ -6,21 +6,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen3moe_jax.errors import SamplingError
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. The defaults are greedy decoding.
+    """One request's decoding settings. The defaults are greedy decoding of up to 32 tokens.
 
     Applied per step in this order: repetition penalty over the last `repeat_last_n` tokens,
     temperature, top_k (0 = off), top_p (1.0 = off), then a draw seeded by `seed`.
     temperature == 0 or top_k == 1 is greedy argmax.
+
+    Generation ends at `max_new_tokens` (None: when the KV cache is full), at a token of
+    `stop_token_ids` (None: the model's EOS ids), or at one of the `stop` strings, which the returned
+    text leaves out. `logprobs` = n asks for the chosen token's log-probability and the n most likely
+    alternatives at each step (None: off).
     """
 
     temperature: float = 0.0
@@ -29,20 +36,49 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = 0
+    max_new_tokens: int | None = 32
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
-            raise SamplingError(f"repeat_penalty must be a finite number > 0, got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise SamplingError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.repeat_penalty) or not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise SamplingError(f"repeat_penalty must be a finite number > 0, got {self.repeat_penalty!r}")
+        if not _is_int(self.repeat_last_n) or self.repeat_last_n < 0:
+            raise SamplingError(f"repeat_last_n must be an integer >= 0, got {self.repeat_last_n!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise SamplingError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1):
+            raise SamplingError(f"max_new_tokens must be an integer >= 1 or None, got {self.max_new_tokens!r}")
+        if isinstance(self.stop, str):  # a lone string is one stop string, not a set of characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+            if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+                raise SamplingError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise SamplingError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
 # The sampler: pure functions on [B, V] logits, jit-compiled into the decode step. Every parameter is a
@@ -89,27 +125,73 @@ def penalize_repeats(logits: jax.Array, history: jax.Array, length: jax.Array, p
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Temperature, then top-k (0 = off; ties with the k-th value are kept), then top-p: the smallest
-    set of most likely tokens whose mass reaches p (1.0 = off, exactly). Dropped tokens get -inf."""
-    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
-    descending = -jnp.sort(-logits, axis=-1)
-    V = logits.shape[-1]
-    kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
-    logits = jnp.where((top_k[:, None] > 0) & (logits < kth), -jnp.inf, logits)
+    set of most likely tokens whose mass reaches p (1.0 = off, exactly). Dropped tokens get -inf.
 
-    descending = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(descending, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(mass_before < top_p[:, None], axis=-1)  # >= 1: the first token has mass_before 0
-    threshold = jnp.take_along_axis(descending, (kept - 1)[:, None], axis=-1)
-    return jnp.where((top_p[:, None] < 1.0) & (logits < threshold), -jnp.inf, logits)
+    Both cut-offs are found by a binary search over the values instead of a sort of the vocabulary:
+    exact, and ~25x faster on CPU at Qwen's 151,936 tokens (scripts/bench_sampling.py). Each is skipped
+    at run time when no row asks for it.
+    """
+    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    V = logits.shape[-1]
+
+    def apply_top_k(x: jax.Array) -> jax.Array:
+        kth = _largest_cutoff(x, jnp.ones_like(x), jnp.minimum(top_k, V).astype(jnp.float32))
+        return jnp.where((top_k[:, None] > 0) & (x < kth[:, None]), -jnp.inf, x)
+
+    def apply_top_p(x: jax.Array) -> jax.Array:
+        cutoff = _largest_cutoff(x, jax.nn.softmax(x, axis=-1), top_p)
+        return jnp.where((top_p[:, None] < 1.0) & (x < cutoff[:, None]), -jnp.inf, x)
+
+    logits = jax.lax.cond(jnp.any(top_k > 0), apply_top_k, lambda x: x, logits)
+    return jax.lax.cond(jnp.any(top_p < 1.0), apply_top_p, lambda x: x, logits)
+
+
+def _largest_cutoff(x: jax.Array, weight: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row of x [B, V], the largest value c among the row's values such that the weight of
+    {x >= c} is at least target[b]: the k-th largest value for unit weights and target k, the top-p
+    threshold for probabilities and target p (ties with c are kept either way).
+
+    A binary search over the 32-bit pattern of c, mapped to unsigned ints that sort as the floats do,
+    so 32 halvings land exactly on a value of the row.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+    def halve(_, bounds):  # invariant: the answer is in [lo, hi] and weight(keys >= lo) >= target
+        lo, hi = bounds
+        gap = hi - lo
+        mid = lo + (gap >> 1) + (gap & 1)  # the upper middle, computed without overflow
+        enough = jnp.sum(jnp.where(keys >= mid[:, None], weight, 0), axis=-1) >= target
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    B = x.shape[0]
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros(B, jnp.uint32), jnp.full(B, 2**32 - 1, jnp.uint32)),
+                              unroll=True)
+    bits = jnp.where(lo >> 31 == 1, lo & jnp.uint32(2**31 - 1), ~lo)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def sample(logits: jax.Array, state: SamplerState, history: jax.Array, length: jax.Array) -> jax.Array:
     """The next token per row [B]: penalty, temperature, top-k, top-p, then a draw keyed by (seed, length),
-    so a request's draws depend only on its seed and position. Greedy rows take the argmax."""
+    so a request's draws depend only on its seed and position. Greedy rows take the argmax, and when
+    every row is greedy the filtering and the draw are skipped at run time."""
     logits = penalize_repeats(logits, history, length, state.repeat_penalty, state.repeat_last_n)
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_logits(logits, state.temperature, state.top_k, state.top_p)
-    keys = jax.vmap(jax.random.fold_in)(state.key, length)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where((state.temperature == 0) | (state.top_k == 1), greedy, drawn).astype(jnp.int32)
+    greedy_rows = (state.temperature == 0) | (state.top_k == 1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits: jax.Array) -> jax.Array:
+        filtered = filter_logits(logits, state.temperature, state.top_k, state.top_p)
+        keys = jax.vmap(jax.random.fold_in)(state.key, length)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(greedy_rows, greedy, drawn)
+
+    return jax.lax.cond(jnp.all(greedy_rows), lambda _: greedy, draw, logits)
+
+
+@partial(jax.jit, static_argnames="n")
+def token_logprobs(logits: jax.Array, token: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities under the model's own distribution (before penalty, temperature and filters) of
+    `token` [B] and of the n most likely tokens: (chosen [B], top ids [B, n], top logprobs [B, n])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logp, top_ids = jax.lax.top_k(logp, n)
+    return jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_logp

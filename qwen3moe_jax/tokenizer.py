@@ -129,20 +129,12 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Text deltas as ids arrive. A multi-byte character split across tokens is held back until it is
-        whole; bytes that never complete one come out as U+FFFD at the end, so the deltas always join to
-        decode(ids)."""
-        stream = DecodeStream(skip_special_tokens=False)
-        seen: list[int] = []
-        emitted = 0
+        """Text deltas as ids arrive (see TextDecoder); they always join to decode(ids)."""
+        decoder = TextDecoder(self)
         for token in ids:
-            seen.append(token)
-            delta = stream.step(self.backend, token)
-            if delta:
-                emitted += len(delta)
+            if delta := decoder.step(token):
                 yield delta
-        rest = self.decode(seen)[emitted:]
-        if rest:
+        if rest := decoder.finish():
             yield rest
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -150,6 +142,30 @@ class Tokenizer:
         """The prompt text for `messages` (see qwen3moe_jax.chat.render_chat)."""
         return render_chat(self.chat_template, messages, add_generation_prompt,
                            bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
+
+
+class TextDecoder:
+    """Turns token ids into text one id at a time. A multi-byte character split across tokens is held
+    back until it is whole; bytes that never complete one come out as U+FFFD from finish(), so the
+    deltas always join to Tokenizer.decode of the ids seen."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def step(self, token: int) -> str:
+        self._ids.append(token)
+        delta = self._stream.step(self._tokenizer.backend, token) or ""
+        self._emitted += len(delta)
+        return delta
+
+    def finish(self) -> str:
+        """Whatever the ids decode to beyond the deltas given so far (held-back partial characters)."""
+        rest = self._tokenizer.decode(self._ids)[self._emitted:]
+        self._emitted += len(rest)
+        return rest
 
 
 def _qwen2_backend(bpe: models.BPE, added: list[AddedToken]) -> HFTokenizer:

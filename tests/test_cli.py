@@ -12,10 +12,11 @@ from qwen3moe_jax.tokenizer import Tokenizer
 def test_generate_streams_the_prompt_and_its_continuation(capsys):
     assert main(["generate", "--preset", "tiny", "--prompt", "héllo", "--max-new-tokens", "5"]) == 0
     out, err = capsys.readouterr()
-    model = qj.random_model("tiny", std=0.2)
-    expected = model.tokenizer.decode(model.generate("héllo", 5))
-    assert out == "héllo" + expected + "\n"
-    assert re.search(r"\[\d+ tokens, time to first token", err)
+    expected = qj.random_model("tiny", std=0.2).complete("héllo", 5)
+    assert out == "héllo" + expected.text + "\n"  # a stop token that ended it is not printed
+    summary = (rf"\[{len(expected.token_ids)} tokens \({expected.finish_reason}\), prompt 6 tokens, "
+               r"time to first token \d+ ms, [\d.]+ tokens/s\]")
+    assert re.search(summary, err), err
 
 
 def test_chat_prints_only_the_reply(capsys, tmp_path, bpe_tokenizer):

@@ -113,7 +113,9 @@ def test_kv3_request_longer_than_cache_fails_before_any_work(model):
     with pytest.raises(qj.ContextLengthError, match="exceeds the KV cache length 64"):
         model.generate(list(range(1, 61)), max_new_tokens=5)
     with pytest.raises(qj.ContextLengthError):
-        model.engine.generate(list(range(1, 65)), 1, qj.SamplingParams())  # raises before iteration
+        model.stream(list(range(1, 65)), 1)  # raises on the call, before any iteration
+    with pytest.raises(qj.ContextLengthError):  # filling the cache needs room for one token
+        model.stream(list(range(1, 65)), sampling=qj.SamplingParams(max_new_tokens=None))
     assert prefill_step._cache_size() == before
     # The model still serves a request that fits.
     assert len(model.generate([1, 2, 3], max_new_tokens=4, stop_token_ids=[])) == 4

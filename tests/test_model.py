@@ -26,7 +26,7 @@ from qwen3moe_jax.model import (
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_shapes_and_dtypes(dtype):
     config = qj.preset("tiny")
-    params = init_params(config, jax.random.key(0), dtype)
+    params = init_params(config, 0, dtype)
     chex.assert_trees_all_equal_shapes_and_dtypes(
         params,
         jax.tree.map(lambda s: jnp.zeros(s.shape, dtype), param_specs(config),
@@ -50,13 +50,16 @@ def test_forward_shapes_and_dtypes(dtype):
 
 
 def test_bfloat16_tracks_float32():
-    """bf16 is the fast path: same weights, logits close to the f32 run."""
+    """bf16 is the fast path: same weights, logits close to the f32 run. The bound is on the mean: where
+    rounding flips a router's choice of expert, single logits move by far more (up to ~1/3 of the logit
+    scale for about one seed in three of this random model)."""
     f32 = qj.random_model("tiny", "float32", std=0.2)
     bf16 = qj.Model(f32.config, jax.tree.map(lambda a: a.astype(jnp.bfloat16), f32.params), None)
     ids = list(range(40, 60))
     a, b = f32.logits(ids), bf16.logits(ids)
     assert b.dtype == np.float32
-    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert np.abs(a - b).mean() < 0.03 * np.abs(a).max()
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.8
 
 
 def test_rotary_preserves_norms_and_depends_only_on_relative_position():
@@ -92,7 +95,7 @@ def _numpy_moe(p, x, k, norm_topk):
 @pytest.mark.parametrize("norm_topk", [True, False])
 def test_moe_grouped_matmul_matches_per_token_reference(norm_topk):
     config = qj.preset("tiny").replace(num_experts=8, num_experts_per_tok=3, norm_topk_prob=norm_topk)
-    params = init_params(config, jax.random.key(1), std=0.3)
+    params = init_params(config, 1, std=0.3)
     x = np.random.default_rng(2).normal(size=(1, 50, config.hidden_size)).astype(np.float32)
     ours = moe(params.layers[0].mlp, jnp.asarray(x), config)[0]
     ref = _numpy_moe(params.layers[0].mlp, x[0], 3, norm_topk)

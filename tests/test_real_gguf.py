@@ -1,7 +1,8 @@
 """A real Qwen3-MoE GGUF (e.g. Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf), named by QWEN3_MOE_GGUF_PATH.
 
 These read metadata, tokenizer and a sample of tensors only, so they run on a laptop; the full-model
-comparison with llama.cpp is scripts/parity_llamacpp.py (it needs host memory for the dequantized weights).
+comparison with llama.cpp is scripts/parity_check.py --against llama.cpp (it needs host memory for the
+dequantized weights).
 """
 
 from __future__ import annotations

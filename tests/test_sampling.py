@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwen3moe_jax import sampling
 from qwen3moe_jax.errors import SamplingError
-from qwen3moe_jax.sampling import SamplerState, SamplingParams, filter_logits, penalize_repeats, sample
+from qwen3moe_jax.sampling import SamplerState, SamplingParams
+
+# Jitted as in the decode step (and so each test does not dispatch the binary searches op by op).
+penalize_repeats, filter_logits, sample = map(jax.jit, (sampling.penalize_repeats, sampling.filter_logits,
+                                                       sampling.sample))
 
 V = 64
 
@@ -93,6 +99,36 @@ def test_filtered_distribution_matches_numpy_reference(temperature, top_k, top_p
         assert np.array_equal(np.isfinite(ours), np.isfinite(ref))
         kept = np.isfinite(ref)
         np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+def test_cutoffs_at_qwen_vocabulary_size_match_sorting():
+    """At 151,936 tokens the binary searches cut where sorting does: top-k exactly (a count), top-p up to
+    tokens whose float64 mass before them is within float32 summation error (1e-5) of p."""
+    rng = np.random.default_rng(5)
+    rows = np.stack([rng.standard_normal(151_936) * 3, rng.standard_normal(151_936) * 0.3,
+                     np.concatenate([[40.0, 39.5], rng.standard_normal(151_934)])]).astype(np.float32)
+    settings = [(1.0, 50, 1.0), (0.7, 0, 0.5), (1.0, 1000, 0.8)]
+    temperature, top_k, top_p = (jnp.asarray(c) for c in zip(*settings, strict=True))
+    ours = np.isfinite(np.asarray(filter_logits(jnp.asarray(rows), temperature, top_k, top_p)))
+    for row, (t, k, p), kept in zip(rows, settings, ours, strict=True):
+        x = row.astype(np.float64) / t
+        if k:
+            x = np.where(x < np.sort(x)[::-1][k - 1], -np.inf, x)
+        order = np.argsort(-x, kind="stable")
+        probs = np.exp(x[order] - x[order][0])
+        before = np.empty_like(probs)
+        before[order] = np.cumsum(probs / probs.sum()) - probs / probs.sum()
+        expected = np.isfinite(x) & (before < p if p < 1 else True)
+        differ = kept != expected
+        assert np.all(np.abs(before[differ] - p) < 1e-5), (k, p, differ.sum())
+        assert expected.sum() > 1 and differ.sum() <= 2
+
+
+def test_top_k_keeps_ties_with_the_kth_value():
+    logits = np.array([3.0, 1.0, 2.0, 2.0, 2.0, -1.0, 0.0, 2.0], np.float32)
+    out = np.asarray(filter_logits(jnp.asarray(logits[None]), jnp.asarray([1.0]), jnp.asarray([2]),
+                                   jnp.asarray([1.0])))[0]
+    assert np.isfinite(out).tolist() == [True, False, True, True, True, False, False, True]
 
 
 def test_top_p_one_is_an_exact_no_op(logits):

@@ -1,0 +1,169 @@
+"""The generation loop that the CLI, the server, notebooks and scripts share (CONTRACTS.md, Streaming).
+
+`stream_events` drives the engine's jit steps for one request and yields an `Event` per new token: its
+id, the text it makes visible, optional logprobs, and on the last event why generation ended and the
+usage figures. `collect` runs it to the end. `Model.stream` is the first, `Model.complete` the two together
+and `Model.generate` the token ids of that.
+
+Per token, in this order: the host receives the id, `on_token(id)` is called (returning False ends the
+request), then the stop checks run. Finish reasons:
+    "eos"             an EOS id of the model (the default stop ids)
+    "stop_token"      another id of `stop_token_ids`
+    "stop_string"     one of the `stop` strings appeared in the text (it is cut out of the text)
+    "max_new_tokens"  the request's token budget is spent
+    "cache_full"      max_new_tokens=None and the KV cache is full
+    "cancelled"       on_token returned False
+A stop token's event has empty text; closing the iterator ends the request without a final event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from qwen3moe_jax.engine import Engine
+from qwen3moe_jax.sampling import SamplingParams, token_logprobs
+from qwen3moe_jax.tokenizer import TextDecoder, Tokenizer
+
+OnToken = Callable[[int], bool | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float  # from the first request for a token to it on the host: prefill (+ compile)
+    decode_tokens_per_s: float  # tokens after the first, per second after the first (nan with one token)
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """The chosen token's log-probability under the model (before penalty, temperature and filters)
+    and the most likely tokens at that step, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    token_id: int
+    text: str  # the text this token makes visible (may be "" while a character or stop string is pending)
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None  # set on the last event only
+    usage: Usage | None = None  # set on the last event only
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A whole request's result, as `collect` gathers it from the events."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+    logprobs: list[Logprobs] | None
+
+
+class StopStrings:
+    """Text filter for stop strings that may span tokens: text is passed on as soon as it can no longer
+    be the start of a stop string; at a stop string, the text before it is passed on and the rest dropped."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""  # text not passed on yet: a suffix that may begin a stop string
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to show, whether a stop string was reached)."""
+        self.pending += text
+        # Everything before `pending` was checked to be no stop string's start, so a match begins in it.
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            shown, self.pending = self.pending[: min(hits)], ""
+            return shown, True
+        held = max((k for s in self.stops for k in range(1, min(len(s), len(self.pending) + 1))
+                    if self.pending.endswith(s[:k])), default=0)
+        shown, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held:]
+        return shown, False
+
+    def flush(self) -> str:
+        shown, self.pending = self.pending, ""
+        return shown
+
+
+def stream_events(
+    engine: Engine,
+    tokenizer: Tokenizer | None,
+    prompt: Sequence[int],
+    sampling: SamplingParams,
+    stop_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int],
+    on_token: OnToken | None = None,
+) -> Iterator[Event]:
+    """Yield one Event per new token of the request (checked beforehand by the caller, see Model.stream)."""
+    start = time.perf_counter()
+    limit = sampling.max_new_tokens or engine.max_seq_len - len(prompt)
+    out_of_room = "max_new_tokens" if sampling.max_new_tokens else "cache_full"
+    stop_ids, eos_ids = frozenset(stop_token_ids), frozenset(eos_token_ids)
+    decoder = TextDecoder(tokenizer) if tokenizer is not None else None
+    stops = StopStrings(sampling.stop)
+    first_at = math.nan
+    steps = engine.tokens(prompt, sampling, limit)
+    try:
+        for count, (token, logits) in enumerate(steps, start=1):
+            now = time.perf_counter()
+            if count == 1:
+                first_at = now
+            keep_going = on_token(token) if on_token is not None else True
+
+            text, reason = "", None
+            if token in stop_ids:
+                reason = "eos" if token in eos_ids else "stop_token"
+            elif decoder is not None:
+                text, hit = stops.push(decoder.step(token))
+                reason = "stop_string" if hit else None
+            if reason is None and keep_going is False:
+                reason = "cancelled"
+            elif reason is None and count == limit:
+                reason = out_of_room
+            if reason not in (None, "stop_string") and decoder is not None:
+                text += stops.push(decoder.finish())[0] + stops.flush()  # held-back bytes, then text
+
+            usage = None
+            if reason is not None:
+                rate = (count - 1) / (now - first_at) if count > 1 and now > first_at else math.nan
+                usage = Usage(len(prompt), count, first_at - start, rate, now - start)
+            yield Event(token, text, _logprobs(logits, token, sampling.logprobs), reason, usage)
+            if reason is not None:
+                return
+    finally:
+        steps.close()  # gives the KV cache back to the engine, also when the consumer stops early
+
+
+def _logprobs(logits, token: int, n: int | None) -> Logprobs | None:
+    if n is None:
+        return None
+    chosen, top_ids, top_logp = token_logprobs(logits[:1], jnp.asarray([token]), min(n, logits.shape[-1]))
+    top_ids, top_logp = np.asarray(top_ids[0]), np.asarray(top_logp[0])
+    return Logprobs(float(chosen[0]), tuple((int(i), float(p)) for i, p in zip(top_ids, top_logp, strict=True)))
+
+
+def collect(events: Iterator[Event]) -> Completion:
+    """Run a request's events to the end and gather them."""
+    ids, texts, logprobs = [], [], []
+    last = None
+    for last in events:
+        ids.append(last.token_id)
+        texts.append(last.text)
+        logprobs.append(last.logprobs)
+    return Completion(
+        token_ids=ids, text="".join(texts),
+        finish_reason=last.finish_reason if last else None, usage=last.usage if last else None,
+        logprobs=logprobs if logprobs and logprobs[0] is not None else None,
+    )
