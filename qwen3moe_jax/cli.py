@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from qwen3moe_jax.api import DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset_names
@@ -86,6 +87,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
+
+    model = build_model(args)
+    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else args.preset)
+    serve(model, name, args.host, args.port, args.warmup_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-think", action="store_true", help="with --chat: Qwen3's enable_thinking=False")
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, SSE)")
+    add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model id clients ask for (default: file or preset name)")
+    srv.add_argument("--warmup-tokens", type=int, default=256,
+                     help="compile prefill for prompts up to this length before serving")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
