@@ -129,6 +129,16 @@ class Baseline:
         return baseline
 
 
+def add_prompt_args(parser) -> None:
+    """The scripts' prompt flags, read by choose_prompts: --prompt, --random-prompts, --prompt-len, --new-tokens."""
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable; default: "
+                        "four built in)")
+    parser.add_argument("--random-prompts", type=int, default=0, metavar="N",
+                        help="also N random token-id prompts (for checkpoints without a tokenizer)")
+    parser.add_argument("--prompt-len", type=int, default=24, help="length of each random prompt")
+    parser.add_argument("--new-tokens", type=int, default=32)
+
+
 def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """Token-id prompts for checkpoints without a tokenizer."""
     rng = np.random.default_rng(seed)

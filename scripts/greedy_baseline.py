@@ -15,7 +15,7 @@ import sys
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.parity import SOURCES, choose_prompts, make_baseline
+from qwen3moe_jax.parity import SOURCES, add_prompt_args, choose_prompts, make_baseline
 
 
 def main() -> None:
@@ -23,12 +23,7 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("QWEN3_MOE_GGUF_PATH"),
                         help="GGUF file or Hugging Face directory (default: $QWEN3_MOE_GGUF_PATH)")
     parser.add_argument("--source", choices=SOURCES, default="ours", help="the implementation that runs it")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable; default: "
-                        "four built in)")
-    parser.add_argument("--random-prompts", type=int, default=0, metavar="N",
-                        help="also N random token-id prompts (for checkpoints without a tokenizer)")
-    parser.add_argument("--prompt-len", type=int, default=24, help="length of each random prompt")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    add_prompt_args(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="what ours or transformers compute in (llama.cpp runs the file's own types)")
     parser.add_argument("--out", required=True, help="baseline JSON to write (the logits go beside it as .npz)")

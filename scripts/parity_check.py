@@ -22,7 +22,7 @@ from pathlib import Path
 import qwen3moe_jax as qj
 from qwen3moe_jax import llamacpp
 from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.parity import Baseline, check_against_baseline, choose_prompts, make_baseline
+from qwen3moe_jax.parity import Baseline, add_prompt_args, check_against_baseline, choose_prompts, make_baseline
 
 IMPLEMENTATIONS = ("transformers", "llama.cpp")
 
@@ -33,12 +33,7 @@ def main() -> None:
                         help="GGUF file or Hugging Face directory (default: $QWEN3_MOE_GGUF_PATH)")
     parser.add_argument("--against", required=True, metavar="BASELINE.json|transformers|llama.cpp",
                         help="a saved baseline, or the implementation to build one with now")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable; default: "
-                        "four built in)")
-    parser.add_argument("--random-prompts", type=int, default=0, metavar="N",
-                        help="also N random token-id prompts (for checkpoints without a tokenizer)")
-    parser.add_argument("--prompt-len", type=int, default=24, help="length of each random prompt")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    add_prompt_args(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="what ours computes in")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
