@@ -124,14 +124,21 @@ class Model:
         **template_kwargs: Any,
     ) -> str:
         """The assistant's reply to `messages` ([{"role": "user", "content": ...}, ...]), prompted through
-        the chat template; template_kwargs (e.g. enable_thinking=False, tools=[...]) reach the template.
-        Unless `sampling` names stop ids, generation stops at an EOS token or <|im_end|>."""
+        the chat template (see prepare_chat)."""
+        prompt, sampling = self.prepare_chat(messages, sampling, **template_kwargs)
+        return self.complete(prompt, max_new_tokens, sampling).text
+
+    def prepare_chat(self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None,
+                     **template_kwargs: Any) -> tuple[str, SamplingParams]:
+        """The prompt text for `messages` through the chat template (template_kwargs, e.g.
+        enable_thinking=False or tools=[...], reach the template), and `sampling` set to stop where an
+        assistant turn ends, at an EOS token or <|im_end|>, unless it names stop ids of its own."""
         prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
                                                                **template_kwargs)
         sampling = sampling or SamplingParams()
         if sampling.stop_token_ids is None:
             sampling = dataclasses.replace(sampling, stop_token_ids=self.chat_stop_ids())
-        return self.complete(prompt, max_new_tokens, sampling).text
+        return prompt, sampling
 
     def chat_stop_ids(self) -> list[int]:
         """Tokens that end an assistant turn: the EOS ids and <|im_end|>."""

@@ -4,7 +4,6 @@ with --chat the prompt is a user message, formatted by the model's chat template
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -62,11 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = build_model(args)
     text = args.prompt
     if args.chat:
-        if model.tokenizer is None:
-            raise Qwen3MoeError("--chat needs a model with a tokenizer")
-        text = model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                   enable_thinking=not args.no_think)
-        sampling = dataclasses.replace(sampling, stop_token_ids=tuple(model.chat_stop_ids()))
+        text, sampling = model.prepare_chat([{"role": "user", "content": args.prompt}], sampling,
+                                            enable_thinking=not args.no_think)
     prompt = model.encode(text)
     events = model.stream(prompt, sampling=sampling)  # checks the request before compiling anything
     _status(f"compiling prefill for {len(prompt)} prompt tokens and decode")

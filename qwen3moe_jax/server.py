@@ -224,7 +224,7 @@ def create_app(model: Model, model_name: str) -> FastAPI:
             raise ApiError(404, f"the model {requested!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def sampling(body: _Request, max_tokens: int | None, logprobs: int | None, stop_ids) -> SamplingParams:
+    def sampling(body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stop) > 4:
             raise ApiError(400, "stop takes at most 4 sequences", "stop", "invalid_value")
@@ -233,7 +233,7 @@ def create_app(model: Model, model_name: str) -> FastAPI:
                 temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
                 repeat_penalty=body.repetition_penalty, repeat_last_n=body.repeat_last_n,
                 seed=secrets.randbelow(2**32) if body.seed is None else body.seed,  # no seed: a fresh draw
-                max_new_tokens=max_tokens, stop=tuple(stop), stop_token_ids=stop_ids, logprobs=logprobs,
+                max_new_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs,
             )
         except Qwen3MoeError as err:
             raise ApiError(400, str(err), code="invalid_value") from err
@@ -257,23 +257,22 @@ def create_app(model: Model, model_name: str) -> FastAPI:
                            "token ids", "messages", "invalid_value")
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-        messages = [_message_dict(m) for m in body.messages]
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(body, body.max_completion_tokens or body.max_tokens, logprobs)
         try:
-            prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=body.tools,
-                                                         **(body.chat_template_kwargs or {}))
+            prompt, params = model.prepare_chat([_message_dict(m) for m in body.messages], params,
+                                                tools=body.tools, **(body.chat_template_kwargs or {}))
         except Qwen3MoeError as err:
             raise ApiError(400, str(err), "messages", "invalid_value") from err
         except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
             raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, model.chat_stop_ids())
         job = await start(prompt, params, "messages")
         return await _respond(job, body, chat=True, name=model_name, tokenizer=model.tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
-        params = sampling(body, body.max_tokens, body.logprobs, None)
+        params = sampling(body, body.max_tokens, body.logprobs)
         job = await start(body.prompt, params, "prompt")
         return await _respond(job, body, chat=False, name=model_name, tokenizer=model.tokenizer)
 
@@ -290,14 +289,11 @@ def _message_dict(message: Message) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- responses
 
 async def _events(job: Job) -> AsyncIterator[Event]:
-    """The job's events as they arrive; leaving early (a client gone) cancels the job."""
-    try:
-        while (item := await job.out.get()) is not _DONE:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        job.cancelled.set()  # a no-op once the job is done
+    """The job's events as they arrive (a streaming response that ends early cancels the job: see _sse)."""
+    while (item := await job.out.get()) is not _DONE:
+        if isinstance(item, Exception):
+            raise item
+        yield item
 
 
 async def _respond(job: Job, body: _Request, chat: bool, name: str, tokenizer):
@@ -413,11 +409,13 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
     from qwen3moe_jax.engine import bucket_length
 
     start = time.perf_counter()
-    buckets = sorted({bucket_length(n, model.max_seq_len - 1) for n in (1, *(2**k for k in range(4, 20)))
-                      if n <= min(warmup_tokens, model.max_seq_len - 1)})
-    for length in buckets:
-        print(f"[compiling prefill for prompts of up to {length} tokens]", file=sys.stderr, flush=True)
-        model.engine.warmup(length)
+    limit = min(warmup_tokens, model.max_seq_len - 1)
+    length = 1
+    while length <= limit:  # one prompt per prefill bucket, 16, 32, ... up to the one holding `limit`
+        bucket = bucket_length(length, model.max_seq_len)
+        print(f"[compiling prefill for prompts of up to {bucket} tokens]", file=sys.stderr, flush=True)
+        model.engine.warmup(min(bucket, model.max_seq_len - 1))
+        length = bucket + 1
     print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port}]",
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(model, model_name), host=host, port=port, log_level="warning")
