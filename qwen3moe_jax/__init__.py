@@ -1,6 +1,6 @@
 """qwen3moe-jax: a JAX reference implementation of Qwen3-MoE inference."""
 
-from qwen3moe_jax.api import Model, load, random_model, save_gguf
+from qwen3moe_jax.api import Model, load, random_model, save_gguf, save_hf
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.errors import (
@@ -27,4 +27,5 @@ __all__ = [
     "preset_names",
     "random_model",
     "save_gguf",
+    "save_hf",
 ]

@@ -25,12 +25,22 @@ from qwen3moe_jax.io.gguf_file import (
     read_gguf_tokenizer,
     write_gguf,
 )
-from qwen3moe_jax.io.hf import SafetensorsReader, hf_tensor_source, is_hf_dir, read_hf_config, read_hf_tokenizer
+from qwen3moe_jax.io.hf import (
+    SafetensorsReader,
+    hf_tensor_source,
+    is_hf_dir,
+    read_hf_config,
+    read_hf_tokenizer,
+    write_hf,
+)
 from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
+from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 4096
+# The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "qwen3-moe-pystdlib-Q8_0.gguf"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,16 +74,27 @@ class Model:
 
     def logits(self, ids: str | Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab] from one full forward pass (no cache carried over)."""
+        padded, n = self._padded(ids)
+        return np.asarray(full_logits(self.params, jnp.asarray(padded), self.config))[0, :n]
+
+    def router_stats(self, ids: str | Sequence[int]) -> RouterStats:
+        """Per-layer routing of `ids` (text or token ids) in one forward pass: chosen experts, their weights,
+        the router's full distribution, expert counts and entropies (see qwen3moe_jax.router). For a
+        generation, pass the prompt and completion ids together: every position routes as it did then."""
+        padded, n = self._padded(ids)
+        return router_stats(self.params, self.config, padded, n)
+
+    def _padded(self, ids: str | Sequence[int]) -> tuple[np.ndarray, int]:
+        """ids as a [1, T] batch padded to a prefill bucket, so each new length does not compile anew
+        (causal attention keeps the padding from touching the real positions), and their count."""
         ids = self.encode(ids)
         if not ids:
             raise Qwen3MoeError("the prompt is empty: give at least one token")
         self.engine.check_tokens(ids)
-        # Padded to the same buckets as prefill so each new length does not compile anew; causal
-        # attention keeps the padding from touching the real positions.
         n = len(ids)
         padded = np.zeros((1, bucket_length(n, max(n, self.max_seq_len))), np.int32)
         padded[0, :n] = ids
-        return np.asarray(full_logits(self.params, jnp.asarray(padded), self.config))[0, :n]
+        return padded, n
 
     def stream(
         self,
@@ -162,14 +183,14 @@ def _resolve_dtype(dtype: Any) -> Any:
 
 
 def load(
-    path: str | Path,
+    path: str | Path | None = None,
     dtype: Any = "float32",
     max_seq_len: int | None = None,
     progress: bool = True,
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
-    (config.json + *.safetensors)."""
-    path = Path(path)
+    (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL)."""
+    path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -206,6 +227,13 @@ def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer
     when the model has one and with_tokenizer is set, the tokenizer with its chat template."""
     arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
     write_gguf(path, model.config, arrays, qtype, model.tokenizer if with_tokenizer else None)
+
+
+def save_hf(model: Model, directory: str | Path) -> None:
+    """Export the model as a Hugging Face checkpoint directory (config.json, model.safetensors in float32,
+    and the tokenizer with its chat template when the model has one), loadable by transformers."""
+    arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
+    write_hf(directory, model.config, arrays, model.tokenizer)
 
 
 def random_model(

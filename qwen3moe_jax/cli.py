@@ -1,5 +1,6 @@
-"""Command line: `qwen3moe-jax generate --model PATH --prompt TEXT` streams a completion to stdout;
-with --chat the prompt is a user message, formatted by the model's chat template."""
+"""Command line: `qwen3moe-jax generate --prompt TEXT` streams a completion to stdout from the bundled model
+(or --model PATH, or random weights at --preset NAME); with --chat the prompt is a user message, formatted by
+the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from qwen3moe_jax.api import DTYPES, Model, load, random_model
+from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset_names
 from qwen3moe_jax.errors import Qwen3MoeError
 from qwen3moe_jax.sampling import SamplingParams
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint: a GGUF file or a Hugging Face directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint: a GGUF file or a Hugging Face directory "
+                                     "(default: the bundled small model)")
     src.add_argument("--preset", choices=preset_names(), help="random weights at a named shape (configs/)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
@@ -43,7 +45,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def build_model(args: argparse.Namespace) -> Model:
     start = time.perf_counter()
-    if args.model:
+    if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len)
     else:
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
@@ -87,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
     model = build_model(args)
-    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else args.preset)
+    name = args.served_model_name or args.preset or Path(args.model or BUNDLED_MODEL).name.removesuffix(".gguf")
     serve(model, name, args.host, args.port, args.warmup_tokens)
     return 0
 

@@ -116,6 +116,24 @@ class ModelConfig:
         except KeyError as missing:
             raise ConfigError(f"config.json lacks the required field {missing}") from None
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json fields of this shape (transformers 5 layout); from_hf_dict reads them back."""
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
+            "attention_bias": False, "use_sliding_window": False,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "num_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok, "moe_intermediate_size": self.moe_intermediate_size,
+            "intermediate_size": self.intermediate_size, "norm_topk_prob": self.norm_topk_prob,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "mlp_only_layers": list(self.mlp_only_layers),
+            "decoder_sparse_step": self.decoder_sparse_step, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
         try:

@@ -43,7 +43,7 @@ def prefill_step(
     last prompt token, the cache and the history.
     """
     start = jnp.zeros(tokens.shape[0], jnp.int32)
-    hidden, cache = forward(params, tokens, start, cache, config)
+    hidden, cache, _ = forward(params, tokens, start, cache, config)
     logits = lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1])
     return _checked_sample(logits, sampler, history, lengths), logits, cache, history
 
@@ -56,7 +56,7 @@ def decode_step(
     """One token per row, tokens [B] at positions [B]: records them in the history, runs the model and
     samples the next token. Returns (next token [B], logits [B, V], cache, history)."""
     history = history.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
-    hidden, cache = forward(params, tokens[:, None], positions, cache, config)
+    hidden, cache, _ = forward(params, tokens[:, None], positions, cache, config)
     logits = lm_logits(params, hidden[:, 0])
     return _checked_sample(logits, sampler, history, positions + 1), logits, cache, history
 
@@ -71,7 +71,7 @@ def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.A
     """Logits at every position of tokens [B, T] in one pass, with a scratch cache of length T."""
     B, T = tokens.shape
     cache = KVCache.init(config, B, T, params.embed.dtype)
-    hidden, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
+    hidden, _, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
     return lm_logits(params, hidden)
 
 

@@ -26,6 +26,17 @@ QWEN2_SPLIT = (
 )
 # The Qwen special tokens a byte vocabulary carries, in id order after the 256 bytes.
 BYTE_VOCAB_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+# The added tokens of Qwen3's real vocabulary, in its id order: control tokens (special, never shown when
+# special tokens are skipped) and then plain added tokens (matched whole in text, but shown like text).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+QWEN_ADDED_TOKENS = (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+)
 
 
 @dataclass(frozen=True)
@@ -83,13 +94,14 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, specials: Sequence[str] = BYTE_VOCAB_SPECIALS,
-              chat_template: str | None = None) -> Tokenizer:
-        """A new byte-level BPE vocabulary learned from `texts`: the specials first (ids 0..), then the 256
-        byte symbols, then merges up to `vocab_size` tokens in all."""
+              added: Sequence[str] = (), chat_template: str | None = None) -> Tokenizer:
+        """A new byte-level BPE vocabulary learned from `texts`: the special tokens first (ids 0..), then the
+        256 byte symbols, then merges, then the plain `added` tokens last, `vocab_size` tokens in all."""
         backend = _qwen2_backend(models.BPE(), [])
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), special_tokens=list(specials),
+                                      show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         backend.train_from_iterator(texts, trainer)
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
         return cls(backend, chat_template, bos_token=specials[0] if specials else None,
                    eos_token="<|im_end|>" if "<|im_end|>" in specials else None)
 

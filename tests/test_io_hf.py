@@ -6,6 +6,7 @@ import json
 import shutil
 import tracemalloc
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -129,3 +130,21 @@ def test_loading_holds_about_one_tensor_in_host_memory(tmp_path):
     print(f"checkpoint {size / 1e6:.1f} MB, transient host allocation while loading {transient / 1e6:.1f} MB")
     assert model.config.num_layers == 8
     assert transient < max(0.25 * size, 4 * largest_param)  # a whole-checkpoint copy would be >= size
+
+
+def test_save_hf_writes_a_checkpoint_transformers_runs_the_same(tmp_path):
+    """Export (tiny preset: GQA, a dense layer, byte tokenizer), then transformers runs it: same logits;
+    our loader reads it back to the same params, config and tokenizer."""
+    model = qj.random_model("tiny", seed=3, std=0.3)
+    qj.save_hf(model, tmp_path)
+    reference = Qwen3MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = model.encode("def add(a, b):\n    return a + b\n")
+    np.testing.assert_allclose(model.logits(ids), hf_logits(reference, ids), atol=2e-5)
+
+    again = qj.load(tmp_path, progress=False)
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = "<|im_start|>user\nhé 😀<|im_end|>"
+    assert again.tokenizer.encode(text) == model.tokenizer.encode(text)
+    assert again.tokenizer.eos_token == model.tokenizer.eos_token

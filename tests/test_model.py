@@ -36,11 +36,14 @@ def test_forward_shapes_and_dtypes(dtype):
     assert isinstance(params.layers[0].mlp, MoEParams)
     cache = qj.KVCache.init(config, batch_size=2, max_len=32, dtype=dtype)
     tokens = jnp.ones((2, 5), jnp.int32)
-    hidden, cache = jax.jit(forward, static_argnames="config")(
+    hidden, cache, router_logits = jax.jit(forward, static_argnames="config")(
         params, tokens, jnp.array([0, 3], jnp.int32), cache, config
     )
     chex.assert_shape(hidden, (2, 5, config.hidden_size))
     chex.assert_type(hidden, dtype)
+    assert router_logits[2] is None  # the dense layer
+    chex.assert_shape([router_logits[0], router_logits[1]], (2, 5, config.num_experts))
+    chex.assert_type([router_logits[0], router_logits[1]], jnp.float32)
     chex.assert_shape(cache.k + cache.v, (2, config.num_kv_heads, 32, config.head_dim))
     chex.assert_type(cache.k + cache.v, dtype)
     logits = full_logits(params, tokens, config)
@@ -97,7 +100,8 @@ def test_moe_grouped_matmul_matches_per_token_reference(norm_topk):
     config = qj.preset("tiny").replace(num_experts=8, num_experts_per_tok=3, norm_topk_prob=norm_topk)
     params = init_params(config, 1, std=0.3)
     x = np.random.default_rng(2).normal(size=(1, 50, config.hidden_size)).astype(np.float32)
-    ours = moe(params.layers[0].mlp, jnp.asarray(x), config)[0]
+    ours, _ = moe(params.layers[0].mlp, jnp.asarray(x), config)
+    ours = ours[0]
     ref = _numpy_moe(params.layers[0].mlp, x[0], 3, norm_topk)
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-4)
 

@@ -18,7 +18,7 @@ from qwen3moe_jax.io.hf import read_hf_tokenizer
 from qwen3moe_jax.tokenizer import GGUFVocab, Tokenizer
 from tests.conftest import MIXED_TEXT, finish_gguf
 
-TEMPLATE = (Path(__file__).parent / "data" / "qwen3_style_chat_template.jinja").read_text()
+TEMPLATE = (Path(qj.__file__).parent / "bundled" / "chat_template.jinja").read_text()
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city (°C)",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError

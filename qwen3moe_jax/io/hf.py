@@ -5,6 +5,7 @@ the device before the next is read, so host memory stays near one (stacked) tens
 checkpoint size. Two expert layouts are read: the published per-expert names
 (`mlp.experts.{j}.gate_proj.weight`, which transformers 5's save_pretrained still writes) and the
 fused 3-D form transformers 5 uses in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`).
+`write_hf` writes the published layout, so transformers can run the same weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
@@ -158,3 +160,48 @@ def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
 
     return Tokenizer.from_file(directory / "tokenizer.json", chat_template=template,
                                bos_token=token("bos_token"), eos_token=token("eos_token"))
+
+
+def write_hf(directory: str | Path, config: ModelConfig, named_arrays: dict[str, np.ndarray],
+             tokenizer: Tokenizer | None = None) -> None:
+    """Write params (our names -> numpy arrays in our layout) as a Hugging Face checkpoint directory:
+    config.json, model.safetensors with the published Qwen3-MoE names, and the tokenizer when given."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    tensors: dict[str, np.ndarray] = {}
+    for name, array in named_arrays.items():
+        for hf_name, value in _hf_tensors(name, np.asarray(array), config):
+            tensors[hf_name] = np.ascontiguousarray(value)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.backend.save(str(directory / "tokenizer.json"))
+        settings = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+                    "chat_template": tokenizer.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def _hf_tensors(name: str, array: np.ndarray, c: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """Our param -> its (HF name, HF array) pairs: the inverse of hf_tensor_source."""
+    top = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
+           "lm_head": ("lm_head.weight", True)}
+    if name in top:
+        hf_name, linear = top[name]
+        return [(hf_name, array.T if linear else array)]
+    _, i, *rest = name.split(".")
+    prefix = f"model.layers.{i}"
+    leaf = ".".join(rest)
+    plain = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+             "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+    if leaf in plain:
+        return [(f"{prefix}.{plain[leaf]}.weight", array)]
+    if leaf == "attn.o":  # [H, D, E] -> [E, H*D]
+        return [(f"{prefix}.self_attn.o_proj.weight", array.reshape(-1, c.hidden_size).T)]
+    if leaf in ("attn.q", "attn.k", "attn.v"):  # [E, heads, D] -> [heads*D, E]
+        return [(f"{prefix}.self_attn.{leaf[-1]}_proj.weight", array.reshape(c.hidden_size, -1).T)]
+    if leaf == "mlp.router":
+        return [(f"{prefix}.mlp.gate.weight", array.T)]
+    proj = {"mlp.gate": "gate_proj", "mlp.up": "up_proj", "mlp.down": "down_proj"}[leaf]
+    if array.ndim == 2:  # a dense layer
+        return [(f"{prefix}.mlp.{proj}.weight", array.T)]
+    return [(f"{prefix}.mlp.experts.{j}.{proj}.weight", array[j].T) for j in range(array.shape[0])]
