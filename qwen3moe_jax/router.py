@@ -3,7 +3,7 @@
 Both read the router logits that `model.forward` returns beside the hidden states. The jit steps that
 serve generation drop those logits, so XLA never computes anything for them there: introspection is a
 separate forward pass over the tokens of interest (a prompt, or a prompt and its completion), which
-routes every position exactly as generation did because attention is causal.
+routes every position as generation did, up to float rounding, because attention is causal.
 """
 
 from __future__ import annotations
@@ -58,8 +58,7 @@ class RouterStats:
     @property
     def entropy(self) -> np.ndarray:
         """[L, T] entropy of the router's distribution over experts, in nats (ln X when undecided)."""
-        p = self.probs
-        return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=-1)
+        return _entropy(self.probs)
 
     @property
     def usage_entropy(self) -> np.ndarray:
@@ -70,8 +69,12 @@ class RouterStats:
 def usage_entropy(counts: np.ndarray) -> np.ndarray:
     """Expert counts [..., experts] -> the entropy of their shares, normalised to 1.0 for perfectly even use
     (0.0 when one expert takes everything)."""
-    share = counts / counts.sum(axis=-1, keepdims=True)
-    return -np.sum(share * np.log(np.where(share > 0, share, 1.0)), axis=-1) / np.log(share.shape[-1])
+    return _entropy(counts / counts.sum(axis=-1, keepdims=True)) / np.log(counts.shape[-1])
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats of distributions along the last axis (0 log 0 = 0)."""
+    return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=-1)
 
 
 @partial(jax.jit, static_argnames="config")
