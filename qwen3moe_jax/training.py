@@ -199,21 +199,24 @@ def usage_balance(counts: np.ndarray) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, step: int, params: Params, opt_state: Any) -> None:
+def save_checkpoint(path: Path, step: int, params: Params, opt_state: Any, history: list[dict]) -> None:
+    """Weights, optimizer state and the loss history so far (as JSON text, so a resumed run's metrics
+    cover the whole run), in one .npz file."""
     leaves = jax.tree.leaves((params, opt_state))
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, step=step, **{f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+    np.savez(tmp, step=step, history=json.dumps(history),
+             **{f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
     tmp.replace(path)  # a run killed mid-write keeps its previous checkpoint
 
 
-def load_checkpoint(path: Path, params: Params, opt_state: Any) -> tuple[int, Params, Any]:
-    """The step and state saved at path, shaped like (params, opt_state)."""
+def load_checkpoint(path: Path, params: Params, opt_state: Any) -> tuple[int, Params, Any, list[dict]]:
+    """The step, state and history saved at path, the state shaped like (params, opt_state)."""
     treedef = jax.tree.structure((params, opt_state))
     with np.load(path) as data:
         leaves = [jnp.asarray(data[f"leaf{i}"]) for i in range(treedef.num_leaves)]
-        step = int(data["step"])
+        step, history = int(data["step"]), json.loads(str(data["history"]))
     params, opt_state = jax.tree.unflatten(treedef, leaves)
-    return step, params, opt_state
+    return step, params, opt_state, history
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -240,13 +243,12 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
     optimizer = make_optimizer(tc)
     params = init_params(config, tc.seed)
     opt_state = optimizer.init(params)
-    first_step = 0
+    first_step, history = 0, []
     checkpoint = out / "checkpoint.npz"
     if resume and checkpoint.exists():
-        first_step, params, opt_state = load_checkpoint(checkpoint, params, opt_state)
+        first_step, params, opt_state, history = load_checkpoint(checkpoint, params, opt_state)
         _log(f"resumed from {checkpoint} at step {first_step}")
 
-    history: list[dict[str, float]] = []
     bar = tqdm(range(first_step, tc.steps), initial=first_step, total=tc.steps, desc="training", unit="step",
                file=sys.stderr)
     for step in bar:
@@ -262,7 +264,7 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
             row["held_out_loss_sample"] = round(held, 4)
             bar.write(f"step {step + 1}: train loss {row['loss']:.3f}, held-out loss {held:.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 in (tc.steps, stop_after):
-            save_checkpoint(checkpoint, step + 1, params, opt_state)
+            save_checkpoint(checkpoint, step + 1, params, opt_state, history)
         if step + 1 == stop_after:
             _log(f"stopped after step {stop_after}; continue with --resume")
             return None
@@ -281,7 +283,7 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
         "held_out_perplexity": round(math.exp(held_loss), 2),
         "unigram_held_out_loss": round(unigram_loss(train_ids, held_ids, config.vocab_size), 4),
         "expert_usage_held_out": usage_balance(counts),
-        "seconds": round(train_seconds, 1),
+        "seconds": round(train_seconds, 1),  # this invocation's wall time: a resumed run counts from its resume
         "backend": jax.default_backend(),
         "history": history,
     }

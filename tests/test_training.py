@@ -63,7 +63,7 @@ def test_training_learns_and_reports_its_figures(trained):
 
 
 def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(corpus, trained, tmp_path):
-    out, _ = trained
+    out, metrics = trained
     again = tmp_path / "again"
     run(corpus, again)
     for a, b in zip(checkpoint_leaves(out), checkpoint_leaves(again), strict=True):
@@ -71,9 +71,10 @@ def test_same_seed_same_weights_and_resume_equals_an_uninterrupted_run(corpus, t
 
     resumed = tmp_path / "resumed"
     assert run(corpus, resumed, stop_after=20) is None
-    run(corpus, resumed, resume=True)
+    resumed_metrics = run(corpus, resumed, resume=True)
     for a, b in zip(checkpoint_leaves(out), checkpoint_leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert resumed_metrics["history"] == metrics["history"]  # the loss curve covers the whole run
 
     other_seed = tmp_path / "other"
     run(corpus, other_seed, steps=8, seed=1)
