@@ -69,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     events = model.stream(prompt, sampling=sampling)  # checks the request before compiling anything
     _status(f"compiling prefill for {len(prompt)} prompt tokens and decode")
     start = time.perf_counter()
-    model.engine.warmup(len(prompt))
+    model.engine.warmup(len(prompt), sampling.max_new_tokens)
     _status(f"compiled in {time.perf_counter() - start:.1f}s")
 
     sys.stdout.write("" if args.chat else args.prompt)

@@ -2,8 +2,9 @@
 
 - `prefill_step` runs a whole prompt padded to a length bucket (a power of two), so a new prompt length
   compiles only when it lands in a new bucket.
-- `decode_step` runs one token per row at per-row positions; its shapes never change, so it compiles
-  once and never again, whatever the position.
+- `decode_step` runs one token per row at per-row positions; its shapes never change with the position,
+  so it compiles once per attention window: it reads only the first `window` cache slots (a power of two
+  >= the filled length, at least MIN_WINDOW), so early tokens of a long cache do not pay for all of it.
 Both take the cache with `donate_argnames`, so XLA writes the new keys and values into the same buffer.
 The request-level loop (stop checks, text, callbacks) is in generation.py.
 """
@@ -25,11 +26,18 @@ from qwen3moe_jax.model import Params, forward, lm_logits
 from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
 
 MIN_BUCKET = 16
+# Decode attention spans start here: below it, reading the whole span costs less than another compile.
+MIN_WINDOW = 256
 
 
-def bucket_length(n: int, max_len: int) -> int:
-    """Smallest power of two >= n (at least MIN_BUCKET), capped at max_len."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_len)
+def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (at least `minimum`), capped at max_len."""
+    return min(max(minimum, 1 << (n - 1).bit_length()), max_len)
+
+
+def attention_window(filled: int, max_len: int) -> int:
+    """The cache slots a decode step reads when `filled` slots (the new token's included) hold keys."""
+    return bucket_length(filled, max_len, MIN_WINDOW)
 
 
 @partial(jax.jit, static_argnames="config", donate_argnames=("cache", "history"))
@@ -43,20 +51,22 @@ def prefill_step(
     last prompt token, the cache and the history.
     """
     start = jnp.zeros(tokens.shape[0], jnp.int32)
-    hidden, cache, _ = forward(params, tokens, start, cache, config)
+    # The prompt fills slots 0..T-1, so attention never needs to read past them.
+    hidden, cache, _ = forward(params, tokens, start, cache, config, window=tokens.shape[1])
     logits = lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1])
     return _checked_sample(logits, sampler, history, lengths), logits, cache, history
 
 
-@partial(jax.jit, static_argnames="config", donate_argnames=("cache", "history"))
+@partial(jax.jit, static_argnames=("config", "window"), donate_argnames=("cache", "history"))
 def decode_step(
     params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, history: jax.Array,
-    sampler: SamplerState, config: ModelConfig,
+    sampler: SamplerState, config: ModelConfig, window: int | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-    """One token per row, tokens [B] at positions [B]: records them in the history, runs the model and
-    samples the next token. Returns (next token [B], logits [B, V], cache, history)."""
+    """One token per row, tokens [B] at positions [B] (all below `window`, default the cache length):
+    records them in the history, runs the model and samples the next token.
+    Returns (next token [B], logits [B, V], cache, history)."""
     history = history.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
-    hidden, cache, _ = forward(params, tokens[:, None], positions, cache, config)
+    hidden, cache, _ = forward(params, tokens[:, None], positions, cache, config, window)
     logits = lm_logits(params, hidden[:, 0])
     return _checked_sample(logits, sampler, history, positions + 1), logits, cache, history
 
@@ -144,14 +154,30 @@ class Engine:
                 if step < limit - 1:
                     positions = jnp.full((self.batch_size,), n + step, jnp.int32)
                     token, logits, cache, history = decode_step(
-                        self.params, token, positions, cache, history, sampler, self.config
+                        self.params, token, positions, cache, history, sampler, self.config,
+                        attention_window(n + step + 1, self.max_seq_len),
                     )
                 yield token_id, token_logits
         finally:
             if not any(a.is_deleted() for a in cache.k):
                 self._cache = cache
 
-    def warmup(self, prompt_len: int) -> None:
-        """Compile prefill for prompt_len's bucket, and decode, by running both once on a dummy prompt."""
-        for _ in self.tokens([0] * prompt_len, SamplingParams(), limit=2):
+    def warmup(self, prompt_len: int, max_new_tokens: int | None = None) -> None:
+        """Compile prefill for prompt_len's bucket and decode for every attention window that a request of
+        prompt_len + max_new_tokens tokens (None: up to the cache length) can reach, by running each once
+        on dummy tokens."""
+        for _ in self.tokens([0] * prompt_len, SamplingParams(), limit=1):
             pass
+        end = self.max_seq_len if max_new_tokens is None else min(prompt_len + max_new_tokens, self.max_seq_len)
+        windows = [attention_window(prompt_len + 1, self.max_seq_len)]
+        while windows[-1] < attention_window(end, self.max_seq_len):
+            windows.append(attention_window(windows[-1] + 1, self.max_seq_len))
+        cache = self._take_cache()
+        history = jnp.zeros((self.batch_size, self.max_seq_len), jnp.int32)
+        sampler = SamplerState.from_params([SamplingParams()] * self.batch_size)
+        tokens = positions = jnp.zeros((self.batch_size,), jnp.int32)
+        for window in windows:
+            _, _, cache, history = decode_step(
+                self.params, tokens, positions, cache, history, sampler, self.config, window
+            )
+        self._cache = cache

@@ -187,12 +187,15 @@ def attention(
     k_cache: Array,
     v_cache: Array,
     config: ModelConfig,
+    window: int,
 ) -> tuple[Array, Array, Array]:
     """Causal GQA attention of x [B, T, E] at `positions` [B, T] over the cache [B, KV, S, D].
 
     The new keys and values are written into the cache at their positions first; a query at position
     p then attends to cache slots 0..p. Slots beyond p may hold stale or padding entries: the mask
     hides them, which is what lets one preallocated buffer serve every request and length.
+    Only the first `window` slots are read (the caller guarantees every position is below it): a
+    decode step early in a long cache then reads what is filled, not the whole buffer.
     """
     B, T, _ = x.shape
     eps = config.rms_norm_eps
@@ -206,13 +209,14 @@ def attention(
     k_cache = write_cache(k_cache, k.transpose(0, 2, 1, 3), start)
     v_cache = write_cache(v_cache, v.transpose(0, 2, 1, 3), start)
 
+    keys, values = k_cache[:, :, :window], v_cache[:, :, :window]
     q = q.reshape(B, T, config.num_kv_heads, config.q_per_kv, config.head_dim)
-    scores = einsum("btkgd,bksd->bkgts", q, k_cache) * (config.head_dim**-0.5)
-    slots = jnp.arange(k_cache.shape[2])
-    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    scores = einsum("btkgd,bksd->bkgts", q, keys) * (config.head_dim**-0.5)
+    slots = jnp.arange(window)
+    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, window]
     scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = einsum("bkgts,bksd->btkgd", probs, v_cache).reshape(B, T, config.num_heads, config.head_dim)
+    out = einsum("bkgts,bksd->btkgd", probs, values).reshape(B, T, config.num_heads, config.head_dim)
     return einsum("bthd,hde->bte", out, p.o), k_cache, v_cache
 
 
@@ -306,23 +310,25 @@ def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_s
 
 
 def forward(
-    params: Params, tokens: Array, start: Array, cache: KVCache, config: ModelConfig
+    params: Params, tokens: Array, start: Array, cache: KVCache, config: ModelConfig, window: int | None = None
 ) -> tuple[Array, KVCache, list[Array | None]]:
     """Run tokens [B, T] placed at positions start[b] .. start[b]+T-1.
 
     Returns the final-normed hidden states, the updated cache and, per layer, the router logits
     [B, T, experts] (None for a dense layer). Callers that drop the router logits pay nothing for them:
     jit removes outputs nobody reads. The caller guarantees start + T <= cache length
-    (dynamic_update_slice would otherwise clamp).
+    (dynamic_update_slice would otherwise clamp) and, with a `window` (a static attention span; default
+    the whole cache), start + T <= window.
     """
     T = tokens.shape[1]
+    window = cache.max_len if window is None else window
     positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
     x = params.embed[tokens]
     new_k, new_v, router_logits = [], [], []
     for i, layer in enumerate(params.layers):
         h, k_i, v_i = attention(
             layer.attn, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
-            cache.k[i], cache.v[i], config,
+            cache.k[i], cache.v[i], config, window,
         )
         x = x + h
         y = rms_norm(x, layer.mlp_norm, config.rms_norm_eps)

@@ -71,7 +71,7 @@ def bench_sampler(vocab: int, repeats: int) -> None:
 
 def bench_decode(model: qj.Model, prompt_len: int, new_tokens: int) -> None:
     prompt = list(range(1, prompt_len + 1))
-    model.engine.warmup(prompt_len)
+    model.engine.warmup(prompt_len, new_tokens)
     rates = {}
     for name, params in SETTINGS.items():
         best = 0.0

@@ -81,7 +81,8 @@ def test_batch_rows_at_different_positions_match_single_row_runs(model):
 
 
 def test_kv2_compiles_once_per_bucket_and_decode_once(hf_tiny):
-    """KV-2: prefill compiles once per length bucket; decode once for all positions."""
+    """KV-2: prefill compiles once per length bucket; decode once for all positions of one attention window
+    (a cache of at most MIN_WINDOW slots is one window)."""
     # A cache length no other test uses, so every compile counted here is this test's own.
     model = qj.load(hf_tiny[0], max_seq_len=72, progress=False)
     prefill_before, decode_before = prefill_step._cache_size(), decode_step._cache_size()
@@ -95,6 +96,25 @@ def test_kv2_compiles_once_per_bucket_and_decode_once(hf_tiny):
     assert decode_step._cache_size() - decode_before == 1
     print(f"KV-2 compiles: prefill {prefill_step._cache_size() - prefill_before} (2 buckets), "
           f"decode {decode_step._cache_size() - decode_before}")
+
+
+def test_decode_reads_only_its_window_of_a_long_cache_and_warmup_compiles_every_window(hf_tiny):
+    """A cache longer than MIN_WINDOW: decode attends over a window of it, and greedy decoding that crosses
+    from window 256 into 512 still equals greedy decoding by full forward passes."""
+    from qwen3moe_jax.engine import MIN_WINDOW, attention_window
+
+    model = qj.load(hf_tiny[0], max_seq_len=600, progress=False)  # a cache length only this test uses
+    assert [attention_window(n, 600) for n in (1, 256, 257, 512, 513)] == [MIN_WINDOW, 256, 512, 512, 600]
+    prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, 250).tolist()
+    before = decode_step._cache_size()
+    model.engine.warmup(len(prompt), 12)
+    assert decode_step._cache_size() - before == 2  # windows 256 and 512
+    cached = model.generate(prompt, max_new_tokens=12, stop_token_ids=[])
+    assert decode_step._cache_size() - before == 2  # warm-up compiled every window the request reached
+    uncached = []
+    for _ in range(12):
+        uncached.append(int(np.argmax(model.logits(prompt + uncached)[-1])))
+    assert cached == uncached
 
 
 def test_kv2_decode_updates_the_donated_cache_in_place(model):
