@@ -11,6 +11,7 @@ from qwen3moe_jax.errors import (
     SamplingError,
 )
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.sharding import make_mesh
 
 __all__ = [
     "CheckpointError",
@@ -23,6 +24,7 @@ __all__ = [
     "SamplingError",
     "SamplingParams",
     "load",
+    "make_mesh",
     "preset",
     "preset_names",
     "random_model",

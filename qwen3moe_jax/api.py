@@ -10,6 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from qwen3moe_jax.config import ModelConfig, preset
 from qwen3moe_jax.engine import Engine, bucket_length, full_logits
@@ -36,6 +37,7 @@ from qwen3moe_jax.io.hf import (
 from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
 from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.sharding import replicate, use_mesh
 from qwen3moe_jax.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -48,14 +50,16 @@ class Model:
     """A loaded model: config, params pytree, tokenizer (or None) and the engine that runs them."""
 
     def __init__(
-        self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None
+        self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
+        mesh: Mesh | None = None,
     ):
         self.config = config
-        self.params = params
+        self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
         self.tokenizer = tokenizer
+        self.mesh = mesh
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        self.engine = Engine(params, config, max_seq_len)
+        self.engine = Engine(params, config, max_seq_len, mesh=mesh)
 
     @property
     def max_seq_len(self) -> int:
@@ -75,14 +79,17 @@ class Model:
     def logits(self, ids: str | Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab] from one full forward pass (no cache carried over)."""
         padded, n = self._padded(ids)
-        return np.asarray(full_logits(self.params, jnp.asarray(padded), self.config))[0, :n]
+        with use_mesh(self.mesh):
+            logits = full_logits(self.params, replicate(padded, self.mesh), self.config)
+        return np.asarray(logits)[0, :n]
 
     def router_stats(self, ids: str | Sequence[int]) -> RouterStats:
         """Per-layer routing of `ids` (text or token ids) in one forward pass: chosen experts, their weights,
         the router's full distribution, expert counts and entropies (see qwen3moe_jax.router). For a
         generation, pass the prompt and completion ids together: every position routes as it did then."""
         padded, n = self._padded(ids)
-        return router_stats(self.params, self.config, padded, n)
+        with use_mesh(self.mesh):
+            return router_stats(self.params, self.config, padded, n)
 
     def _padded(self, ids: str | Sequence[int]) -> tuple[np.ndarray, int]:
         """ids as a [1, T] batch padded to a prefill bucket, so each new length does not compile anew
@@ -187,27 +194,30 @@ def load(
     dtype: Any = "float32",
     max_seq_len: int | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
-    (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL)."""
+    (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
+
+    With a mesh (`make_mesh`), every tensor is placed straight into its shards as it is read, and the model
+    runs sharded over the mesh (see sharding.py)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if is_gguf_file(path):
-        return _load_gguf(path, dtype, max_seq_len, progress)
+        return _load_gguf(path, dtype, max_seq_len, progress, mesh)
     if not is_hf_dir(path):
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory with a config.json")
     config = read_hf_config(path)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
-        params = materialize(
-            config, lambda name: hf_tensor_source(name, config, reader), dtype, progress, f"loading {path.name}"
-        )
-    return Model(config, params, read_hf_tokenizer(path), max_seq_len)
+        params = materialize(config, lambda name: hf_tensor_source(name, config, reader), dtype, progress,
+                             f"loading {path.name}", mesh)
+    return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh)
 
 
-def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) -> Model:
+def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None) -> Model:
     tensors = GGUFTensors(path)
     config = read_gguf_config(tensors)
     tokenizer = read_gguf_tokenizer(tensors)
@@ -218,8 +228,8 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool) 
             from_gguf_layout(name, tensors.get(gguf_name(name)), shapes[name].shape), dtype=dt
         )
 
-    params = materialize(config, source, dtype, progress, f"loading {path.name}")
-    return Model(config, params, tokenizer, max_seq_len)
+    params = materialize(config, source, dtype, progress, f"loading {path.name}", mesh)
+    return Model(config, params, tokenizer, max_seq_len, mesh)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -242,12 +252,13 @@ def random_model(
     seed: int = 0,
     max_seq_len: int | None = None,
     std: float = 0.02,
+    mesh: Mesh | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
-    when the vocabulary fits one (256 bytes + Qwen specials)."""
+    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given."""
     if isinstance(config, str):
         config = preset(config)
-    params = init_params(config, seed, _resolve_dtype(dtype), std)
+    params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len)
+    return Model(config, params, tokenizer, max_seq_len, mesh)

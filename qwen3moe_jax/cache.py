@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.sharding import zeros
 
 # Logical axes of every cache buffer, for sharding rules.
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
@@ -34,9 +35,12 @@ class KVCache:
         return self.k[0].shape[2]
 
     @classmethod
-    def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    def init(
+        cls, config: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32, mesh: Any = None
+    ) -> KVCache:
+        """Zeroed buffers; with a mesh, created directly in their shards (batch on data, kv heads on tensor)."""
         shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
         return cls(
-            k=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-            v=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+            k=[zeros(shape, dtype, CACHE_AXES, mesh) for _ in range(config.num_layers)],
+            v=[zeros(shape, dtype, CACHE_AXES, mesh) for _ in range(config.num_layers)],
         )

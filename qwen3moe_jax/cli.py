@@ -5,13 +5,14 @@ the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible serve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset_names
-from qwen3moe_jax.errors import Qwen3MoeError
+from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
 from qwen3moe_jax.sampling import SamplingParams
 
 
@@ -23,6 +24,41 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
+    p.add_argument("--mesh", default="", help="shard over a device mesh, e.g. 'expert=8' or 'data=2,expert=2,"
+                                            "tensor=2' (default: one device)")
+    multi = p.add_argument_group("multi-host (all three, or the environment variables in brackets)")
+    multi.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                       help="HOST:PORT of process 0 [JAX_COORDINATOR_ADDRESS]")
+    multi.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                       help="processes in the job [JAX_NUM_PROCESSES]")
+    multi.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                       help="this process, 0 .. N-1 [JAX_PROCESS_ID]")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Join a multi-host job when --coordinator is given: every process's devices then form one mesh."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(v is None for v in given):
+        return
+    if any(v is None for v in given):
+        raise ConfigError("multi-host needs --coordinator, --num-processes and --process-id together")
+    import jax
+
+    # CPU devices talk through gloo (GPUs use NCCL regardless of this setting).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def is_leader() -> bool:
+    """Process 0 prints and serves; the others run the same steps silently."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,18 +80,24 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 
 def build_model(args: argparse.Namespace) -> Model:
+    from qwen3moe_jax.sharding import make_mesh, parse_mesh
+
+    init_distributed(args)
+    mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     start = time.perf_counter()
     if not args.preset:
-        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len)
+        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh)
     else:
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
-        model = random_model(args.preset, args.dtype, args.init_seed, args.max_seq_len, std=0.2)
-    _status(f"loaded in {time.perf_counter() - start:.1f}s")
+        model = random_model(args.preset, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh)
+    where = f" over a mesh of {dict(mesh.shape)}" if mesh is not None else ""
+    _status(f"loaded in {time.perf_counter() - start:.1f}s{where}")
     return model
 
 
 def _status(message: str) -> None:
-    print(f"[{message}]", file=sys.stderr, flush=True)
+    if is_leader():
+        print(f"[{message}]", file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -72,12 +114,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model.engine.warmup(len(prompt), sampling.max_new_tokens)
     _status(f"compiled in {time.perf_counter() - start:.1f}s")
 
-    sys.stdout.write("" if args.chat else args.prompt)
+    # Under multi-host every process runs the loop (each step is one collective program); process 0 prints.
+    out = sys.stdout if is_leader() else open(os.devnull, "w")
+    out.write("" if args.chat else args.prompt)
     for event in events:
         # A model without a tokenizer has no text: show its ids.
-        sys.stdout.write(event.text if model.tokenizer is not None else f" {event.token_id}")
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        out.write(event.text if model.tokenizer is not None else f" {event.token_id}")
+        out.flush()
+    out.write("\n")
     usage = event.usage
     _status(f"{usage.completion_tokens} tokens ({event.finish_reason}), prompt {usage.prompt_tokens} tokens, "
             f"time to first token {usage.time_to_first_token_s * 1e3:.0f} ms, "

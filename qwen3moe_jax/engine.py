@@ -24,6 +24,7 @@ from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import Params, forward, lm_logits
 from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
+from qwen3moe_jax.sharding import constrain, replicate, use_mesh
 
 MIN_BUCKET = 16
 # Decode attention spans start here: below it, reading the whole span costs less than another compile.
@@ -53,7 +54,7 @@ def prefill_step(
     start = jnp.zeros(tokens.shape[0], jnp.int32)
     # The prompt fills slots 0..T-1, so attention never needs to read past them.
     hidden, cache, _ = forward(params, tokens, start, cache, config, window=tokens.shape[1])
-    logits = lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1])
+    logits = constrain(lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1]), (None, None))
     return _checked_sample(logits, sampler, history, lengths), logits, cache, history
 
 
@@ -67,13 +68,15 @@ def decode_step(
     Returns (next token [B], logits [B, V], cache, history)."""
     history = history.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
     hidden, cache, _ = forward(params, tokens[:, None], positions, cache, config, window)
-    logits = lm_logits(params, hidden[:, 0])
+    logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
     return _checked_sample(logits, sampler, history, positions + 1), logits, cache, history
 
 
 def _checked_sample(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array) -> jax.Array:
     # NaN logits cannot raise inside jit: mark the row with -1 and let the host loop raise.
-    return jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length))
+    token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length))
+    # On a mesh, every device (and so every process) holds the whole result: the host reads it.
+    return constrain(token, (None,))
 
 
 @partial(jax.jit, static_argnames="config")
@@ -82,7 +85,7 @@ def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.A
     B, T = tokens.shape
     cache = KVCache.init(config, B, T, params.embed.dtype)
     hidden, _, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
-    return lm_logits(params, hidden)
+    return constrain(lm_logits(params, hidden), (None, None, None))
 
 
 class Engine:
@@ -91,11 +94,12 @@ class Engine:
     The cache is allocated once (lazily) and handed from step to step by donation; requests reuse it.
     """
 
-    def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1):
+    def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None):
         self.params = params
         self.config = config
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
+        self.mesh = mesh  # a jax.sharding.Mesh the params are sharded over (sharding.py), or None
         self._cache: KVCache | None = None
 
     @property
@@ -107,8 +111,23 @@ class Engine:
         # allocates a fresh one rather than touching a deleted array.
         cache, self._cache = self._cache, None
         return cache if cache is not None else KVCache.init(
-            self.config, self.batch_size, self.max_seq_len, self.dtype
+            self.config, self.batch_size, self.max_seq_len, self.dtype, self.mesh
         )
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, history: np.ndarray,
+                sampler: SamplerState) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+        """prefill_step on this engine's params (and mesh: host inputs replicated over it)."""
+        tokens, lengths, history = replicate((tokens, lengths, history), self.mesh)
+        with use_mesh(self.mesh):
+            return prefill_step(self.params, tokens, lengths, cache, history, sampler, self.config)
+
+    def decode(self, tokens: jax.Array, positions: np.ndarray, cache: KVCache, history: jax.Array,
+               sampler: SamplerState) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+        """decode_step at `positions`, reading the attention window their longest row needs."""
+        window = attention_window(int(np.max(positions)) + 1, self.max_seq_len)
+        positions = replicate(positions, self.mesh)
+        with use_mesh(self.mesh):
+            return decode_step(self.params, tokens, positions, cache, history, sampler, self.config, window)
 
     def check_request(self, prompt_len: int, max_new_tokens: int | None) -> None:
         """KV-3: refuse up front a request the cache cannot hold (max_new_tokens None: fill the cache)."""
@@ -142,21 +161,16 @@ class Engine:
             padded[:, :n] = prompt
             history = np.zeros((self.batch_size, self.max_seq_len), np.int32)
             history[:, :n] = prompt
-            sampler = SamplerState.from_params([sampling] * self.batch_size)
-            lengths = jnp.full((self.batch_size,), n, jnp.int32)
-            token, logits, cache, history = prefill_step(
-                self.params, jnp.asarray(padded), lengths, cache, jnp.asarray(history), sampler, self.config
-            )
+            sampler = replicate(SamplerState.from_params([sampling] * self.batch_size), self.mesh)
+            lengths = np.full((self.batch_size,), n, np.int32)
+            token, logits, cache, history = self.prefill(padded, lengths, cache, history, sampler)
             for step in range(limit):
                 token_id, token_logits = int(token[0]), logits  # the one host transfer per step
                 if token_id < 0:
                     raise SamplingError("the model produced NaN logits; the weights or inputs are broken")
                 if step < limit - 1:
-                    positions = jnp.full((self.batch_size,), n + step, jnp.int32)
-                    token, logits, cache, history = decode_step(
-                        self.params, token, positions, cache, history, sampler, self.config,
-                        attention_window(n + step + 1, self.max_seq_len),
-                    )
+                    positions = np.full((self.batch_size,), n + step, np.int32)
+                    token, logits, cache, history = self.decode(token, positions, cache, history, sampler)
                 yield token_id, token_logits
         finally:
             if not any(a.is_deleted() for a in cache.k):
@@ -173,11 +187,11 @@ class Engine:
         while windows[-1] < attention_window(end, self.max_seq_len):
             windows.append(attention_window(windows[-1] + 1, self.max_seq_len))
         cache = self._take_cache()
-        history = jnp.zeros((self.batch_size, self.max_seq_len), jnp.int32)
-        sampler = SamplerState.from_params([SamplingParams()] * self.batch_size)
-        tokens = positions = jnp.zeros((self.batch_size,), jnp.int32)
-        for window in windows:
-            _, _, cache, history = decode_step(
-                self.params, tokens, positions, cache, history, sampler, self.config, window
-            )
+        history, tokens, sampler = replicate((
+            np.zeros((self.batch_size, self.max_seq_len), np.int32), np.zeros(self.batch_size, np.int32),
+            SamplerState.from_params([SamplingParams()] * self.batch_size),
+        ), self.mesh)
+        for window in windows:  # position window - 1 makes decode read exactly that window
+            positions = np.full((self.batch_size,), window - 1, np.int32)
+            _, _, cache, history = self.decode(tokens, positions, cache, history, sampler)
         self._cache = cache

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qwen3moe_jax.cache import KVCache
+from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.sharding import constrain, logical_spec, mesh_sizes, place
 
 Array = jax.Array
 
@@ -52,6 +53,16 @@ class MoEParams:
     gate: Any  # [experts, embed, expert_ffn]
     up: Any  # [experts, embed, expert_ffn]
     down: Any  # [experts, expert_ffn, embed]
+
+
+# Logical axes of the MoE weights: param_specs declares them and the expert-parallel moe() shards by them.
+# The router's expert axis has its own name so that it is never split: every device scores every expert.
+MOE_AXES = {
+    "router": ("embed", "router_experts"),
+    "gate": ("experts", "embed", "expert_ffn"),
+    "up": ("experts", "embed", "expert_ffn"),
+    "down": ("experts", "expert_ffn", "embed"),
+}
 
 
 @struct.dataclass
@@ -93,12 +104,8 @@ def param_specs(config: ModelConfig) -> Params:
         )
         if c.is_moe_layer(i):
             X, F = c.num_experts, c.moe_intermediate_size
-            mlp: MoEParams | MLPParams = MoEParams(
-                router=ParamSpec((E, X), ("embed", "experts")),
-                gate=ParamSpec((X, E, F), ("experts", "embed", "expert_ffn")),
-                up=ParamSpec((X, E, F), ("experts", "embed", "expert_ffn")),
-                down=ParamSpec((X, F, E), ("experts", "expert_ffn", "embed")),
-            )
+            shapes = {"router": (E, X), "gate": (X, E, F), "up": (X, E, F), "down": (X, F, E)}
+            mlp: MoEParams | MLPParams = MoEParams(**{n: ParamSpec(shapes[n], MOE_AXES[n]) for n in MOE_AXES})
         else:
             F = c.intermediate_size
             mlp = MLPParams(
@@ -135,8 +142,11 @@ def named_leaves(tree: Any) -> dict[str, Any]:
     return {param_name(path): leaf for path, leaf in flat}
 
 
-def init_params(config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02) -> Params:
-    """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks.
+def init_params(
+    config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02, mesh: Any = None
+) -> Params:
+    """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks; with a mesh,
+    each tensor goes straight to its shards (sharding.py).
 
     Drawn by NumPy on the host, leaf by leaf: jax.random would compile a generator for every
     tensor shape, ~8 s for even the tiny preset on CPU, where this takes milliseconds.
@@ -146,9 +156,9 @@ def init_params(config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, st
 
     def make(index: int, spec: ParamSpec) -> Array:
         if spec.kind == "norm":
-            return jnp.ones(spec.shape, dtype)
+            return place(np.ones(spec.shape, dtype), spec.axes, mesh)
         values = np.random.default_rng([seed, index]).standard_normal(spec.shape, np.float32) * np.float32(std)
-        return jax.device_put(values.astype(dtype))
+        return place(values.astype(dtype), spec.axes, mesh)
 
     return jax.tree.unflatten(treedef, [make(i, spec) for i, spec in enumerate(leaves)])
 
@@ -206,8 +216,9 @@ def attention(
     k = rotary(k, positions, config.rope_theta)
 
     start = positions[:, 0]
-    k_cache = write_cache(k_cache, k.transpose(0, 2, 1, 3), start)
-    v_cache = write_cache(v_cache, v.transpose(0, 2, 1, 3), start)
+    # On a mesh the cache keeps its input sharding, so the donated buffer is reused step after step.
+    k_cache = constrain(write_cache(k_cache, k.transpose(0, 2, 1, 3), start), CACHE_AXES)
+    v_cache = constrain(write_cache(v_cache, v.transpose(0, 2, 1, 3), start), CACHE_AXES)
 
     keys, values = k_cache[:, :, :window], v_cache[:, :, :window]
     q = q.reshape(B, T, config.num_kv_heads, config.q_per_kv, config.head_dim)
@@ -253,18 +264,49 @@ def moe(p: MoEParams, x: Array, config: ModelConfig) -> tuple[Array, Array]:
     """Sparse MoE block: each token's k chosen SwiGLU experts, summed with the router weights.
     Returns the output [B, T, E] and the router logits [B, T, experts].
 
+    On a mesh whose expert or tensor axis splits the expert weights, the block runs per device under
+    shard_map: each device routes its tokens, runs them through the experts (and the slice of FFN width)
+    it holds, and a psum over those axes adds the partial outputs up. No device reads another's experts.
+    """
+    sizes = mesh_sizes()
+    weight_specs = MoEParams(**{
+        name: jax.tree.map(lambda a, axes=axes: logical_spec(axes, a.shape, sizes), getattr(p, name))
+        for name, axes in MOE_AXES.items()
+    })
+    expert_axis, _, ffn_axis = logical_spec(MOE_AXES["gate"], p.gate.shape, sizes)
+    if expert_axis is None and ffn_axis is None:  # one device, or a mesh that replicates the experts
+        return moe_local(p, x, config)
+    x_spec = logical_spec(("batch", "seq", "embed"), x.shape, sizes)
+
+    def per_device(p: MoEParams, x: Array) -> tuple[Array, Array]:
+        first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * p.gate.shape[0]
+        out, logits = moe_local(p, x, config, first_expert=first)
+        # Partial sums: over the experts other devices hold, and over FFN width other devices hold.
+        return jax.lax.psum(out, tuple(a for a in (expert_axis, ffn_axis) if a)), logits
+
+    return jax.shard_map(per_device, in_specs=(weight_specs, x_spec), out_specs=(x_spec, x_spec),
+                         check_vma=False)(p, x)
+
+
+def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array | int = 0) -> tuple[Array, Array]:
+    """The MoE block over the experts p holds: experts first_expert .. first_expert + len(p.gate) - 1 of the
+    router's (all of them on one device). Pairs routed to other experts contribute nothing here.
+
     The N*k (token, expert) pairs are sorted by expert, so each expert's weights multiply one contiguous
     run of rows (a grouped matmul); no per-token copy of expert weights is made.
     """
     B, T, E = x.shape
     k = config.num_experts_per_tok
+    held = p.gate.shape[0]
     flat = x.reshape(B * T, E)
     weights, experts, router_logits = route(p.router, flat, config)
 
-    pair_expert = experts.reshape(-1)  # [N*k]
+    pair_expert = experts.reshape(-1) - first_expert  # [N*k], local expert ids
+    # Pairs for experts held elsewhere get id `held`: they sort last, outside every group, and come out zero.
+    pair_expert = jnp.where((pair_expert >= 0) & (pair_expert < held), pair_expert, held)
     order = jnp.argsort(pair_expert, stable=True)
     pair_token = order // k
-    group_sizes = jnp.bincount(pair_expert, length=config.num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(pair_expert, length=held).astype(jnp.int32)
     # XLA:CPU lowers ragged_dot to a masked loop over all experts, 8x slower than the blocked form
     # (measured, forward and gradient); on accelerators ragged_dot is the grouped GEMM it is meant to be.
     swiglu = experts_swiglu_blocked if jax.default_backend() == "cpu" else experts_swiglu_ragged
@@ -274,7 +316,8 @@ def moe(p: MoEParams, x: Array, config: ModelConfig) -> tuple[Array, Array]:
 
 
 def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
-    """SwiGLU of rows [M, E] sorted by expert (group_sizes [experts] rows each), via lax.ragged_dot."""
+    """SwiGLU of rows [M, E] sorted by expert (group_sizes [experts] rows each), via lax.ragged_dot.
+    Rows past the groups (expert id = number of experts) come out zero, as ragged_dot defines."""
     del row_expert  # implied by group_sizes
     precision = jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
 
@@ -290,7 +333,7 @@ def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_s
 
     b is about M / experts (a power of two, at most 256), so the blocks number at most about 3x the experts
     and padding costs at most experts * (b - 1) rows; for a decode step b = 1 and only the chosen experts'
-    weights are read.
+    weights are read. Rows whose expert id is the number of experts (held by another device) come out zero.
     """
     M, E = rows.shape
     X = group_sizes.shape[0]
@@ -301,12 +344,14 @@ def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_s
     # Row i, the j-th of its expert's run, goes to slot j of that expert's padded run.
     run_start, padded_run_start = jnp.cumsum(group_sizes) - group_sizes, padded_ends - padded_sizes
     slot = padded_run_start[row_expert] + jnp.arange(M) - run_start[row_expert]
-    blocks = jnp.zeros((n_blocks * b, E), rows.dtype).at[slot].set(rows).reshape(n_blocks, b, E)
+    slot = jnp.where(row_expert < X, slot, n_blocks * b)  # out of range: dropped on the way in, zero out
+    blocks = jnp.zeros((n_blocks * b, E), rows.dtype).at[slot].set(rows, mode="drop").reshape(n_blocks, b, E)
     # Blocks past the last run hold only zeros; any expert serves them.
     block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * b, side="right"), X - 1)
     h = jax.nn.silu(einsum("nbe,nef->nbf", blocks, p.gate[block_expert]))
     h = h * einsum("nbe,nef->nbf", blocks, p.up[block_expert])
-    return einsum("nbf,nfe->nbe", h, p.down[block_expert]).reshape(n_blocks * b, E)[slot]
+    out = einsum("nbf,nfe->nbe", h, p.down[block_expert]).reshape(n_blocks * b, E)
+    return out.at[slot].get(mode="fill", fill_value=0)
 
 
 def forward(

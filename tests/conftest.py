@@ -7,6 +7,9 @@ from pathlib import Path
 
 # The suite compares against CPU references and must behave the same on a GPU machine: pin it to CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight CPU devices, for the sharding tests' meshes (everything else runs on the first one).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import pytest  # noqa: E402
 

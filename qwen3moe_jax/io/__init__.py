@@ -14,6 +14,7 @@ from tqdm import tqdm
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
 from qwen3moe_jax.model import Params, ParamSpec, param_name, param_specs
+from qwen3moe_jax.sharding import place
 
 TensorSource = Callable[[Any], np.ndarray]  # numpy dtype -> array in our layout
 
@@ -24,8 +25,11 @@ def materialize(
     dtype: Any,
     progress: bool = True,
     desc: str = "loading",
+    mesh: Any = None,
 ) -> Params:
-    """Build the params pytree tensor by tensor, checking each shape against its spec."""
+    """Build the params pytree tensor by tensor, checking each shape against its spec. Each tensor goes to
+    the device (or, with a mesh, straight into its shards) before the next is read, so host memory holds
+    about one tensor at a time."""
     specs = param_specs(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
     np_dtype = np.dtype(dtype)
@@ -44,7 +48,7 @@ def materialize(
                 raise CheckpointError(
                     f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
                 )
-            leaves.append(jax.device_put(array))
+            leaves.append(place(array, spec.axes, mesh))
             del array
             bar.update(math.prod(spec.shape) * np_dtype.itemsize)
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,206 @@
+"""Weights and KV cache on a device mesh (sharding.py): the 8 CPU devices conftest.py asks XLA for.
+
+The checkpoint is hf_tiny (6 experts, 4 heads, 2 kv heads): on the meshes below the experts split over 1 or 2
+devices but not 4 or 8, the heads over up to 4, the kv heads over up to 2, so every mesh mixes split and
+replicated dimensions. Each sharded run is compared with the same checkpoint on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import qwen3moe_jax as qj
+from qwen3moe_jax.engine import Engine
+from qwen3moe_jax.model import named_leaves, param_specs
+from qwen3moe_jax.sampling import SamplerState
+from qwen3moe_jax.sharding import logical_spec
+
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # expert x tensor
+# The event jax records for each XLA compilation.
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+SEEDED = qj.SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.1, seed=11)
+
+
+@pytest.fixture(scope="module")
+def single(hf_tiny):
+    return qj.load(hf_tiny[0], max_seq_len=64, progress=False)
+
+
+@pytest.fixture(scope="module", params=MESHES, ids=[f"expert{e}xtensor{t}" for e, t in MESHES])
+def sharded(request, hf_tiny):
+    expert, tensor = request.param
+    return qj.load(hf_tiny[0], max_seq_len=64, progress=False, mesh=qj.make_mesh(expert=expert, tensor=tensor))
+
+
+def spec(a: jax.Array) -> P:
+    """An array's PartitionSpec with every dimension spelled out (jax drops trailing Nones)."""
+    return P(*a.sharding.spec, *(None,) * (a.ndim - len(a.sharding.spec)))
+
+
+def test_sharded_logits_equal_single_device_logits(single, sharded):
+    ids = np.random.default_rng(0).integers(0, single.config.vocab_size, 29).tolist()
+    want, got = single.logits(ids), sharded.logits(ids)
+    error = np.abs(got - want).max()
+    print(f"mesh {dict(sharded.mesh.shape)}: max |logit difference| {error:.2e} (logits span "
+          f"{want.min():.2f}..{want.max():.2f})")
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_sharded_greedy_and_seeded_sampling_give_identical_tokens(single, sharded):
+    prompt = [5, 17, 99, 3, 250, 42, 7]
+    for sampling in (qj.SamplingParams(), SEEDED):
+        want = single.generate(prompt, 20, sampling, stop_token_ids=[])
+        assert sharded.generate(prompt, 20, sampling, stop_token_ids=[]) == want
+
+
+def test_every_param_is_sharded_as_the_rules_say(sharded):
+    sizes = dict(sharded.mesh.shape)
+    specs = named_leaves(param_specs(sharded.config))
+    for name, array in named_leaves(sharded.params).items():
+        assert spec(array) == logical_spec(specs[name].axes, array.shape, sizes), name
+    # The same rules, spelled out for one mesh: experts on expert, heads and FFN width on tensor, the rest whole.
+    if (sizes["expert"], sizes["tensor"]) == (2, 4):
+        layer = sharded.params.layers[0]
+        assert spec(layer.mlp.gate) == P("expert", None, "tensor")  # 6 experts / 2, FFN 24 / 4
+        assert spec(layer.mlp.down) == P("expert", "tensor", None)
+        assert spec(layer.mlp.router) == P(None, None)  # every device scores every expert
+        assert spec(layer.attn.q) == P(None, "tensor", None)  # 4 heads / 4
+        assert spec(layer.attn.k) == P(None, None, None)  # 2 kv heads do not split 4 ways
+        assert spec(layer.attn.o) == P("tensor", None, None)
+        assert spec(sharded.params.layers[1].mlp.gate) == P(None, "tensor")  # the dense layer
+        assert spec(sharded.params.embed) == P(None, None)
+
+
+def test_each_device_holds_its_share_of_the_expert_weights():
+    """On expert=8 with 8 experts (the tiny preset), a device holds 1/8 of each expert tensor's bytes."""
+    model = qj.random_model("tiny", mesh=qj.make_mesh(expert=8), max_seq_len=32)
+    for layer in model.params.layers:
+        if hasattr(layer.mlp, "router"):
+            for w in (layer.mlp.gate, layer.mlp.up, layer.mlp.down):
+                assert {shard.data.nbytes for shard in w.addressable_shards} == {w.nbytes // 8}
+                assert len({shard.device for shard in w.addressable_shards}) == 8
+
+
+def test_decode_keeps_the_cache_sharded_in_place_and_does_not_recompile(hf_tiny):
+    mesh = qj.make_mesh(expert=2, tensor=2)
+    model = qj.load(hf_tiny[0], max_seq_len=48, progress=False, mesh=mesh)  # a cache length no other test uses
+    compiles = []
+
+    def count(event: str, *_, **__) -> None:
+        if event == BACKEND_COMPILE:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        model.engine.warmup(7, 20)
+        assert compiles, "the counter saw warm-up's compilations"
+        compiles.clear()
+        cache = model.engine._cache
+        assert spec(cache.k[0]) == P(None, "tensor", None, None)  # 2 kv heads over tensor=2
+        pointers = [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v]
+        model.generate([5, 17, 99, 3, 250, 42, 7], 20, SEEDED, stop_token_ids=[])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    cache = model.engine._cache
+    assert compiles == []  # XLA compiled nothing after warm-up
+    assert all(spec(a) == P(None, "tensor", None, None) for a in cache.k + cache.v)
+    assert [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v] == pointers
+
+
+def test_a_data_axis_runs_a_batch_of_two_prompts_as_one_device_does(single, hf_tiny):
+    """data=2: the two rows of the cache and of each step live on different devices."""
+    mesh = qj.make_mesh(data=2, expert=2, tensor=2)
+    model = qj.load(hf_tiny[0], max_seq_len=64, progress=False, mesh=mesh)
+    engine = Engine(model.params, model.config, 64, batch_size=2, mesh=mesh)
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, 300, 9).tolist(), rng.integers(0, 300, 16).tolist()]
+    lengths = np.array([5, 12], np.int32)
+    padded, history = np.zeros((2, 16), np.int32), np.zeros((2, 64), np.int32)
+    for row, n in enumerate(lengths):
+        padded[row, :n] = history[row, :n] = seqs[row][:n]
+    sampler = SamplerState.from_params([qj.SamplingParams()] * 2)
+    cache = engine._take_cache()
+    assert spec(cache.k[0]) == P("data", "tensor", None, None)
+    _, logits, cache, history = engine.prefill(padded, lengths, cache, history, sampler)
+    rows = [[np.asarray(logits[r])] for r in range(2)]
+    for j in range(4):
+        tokens = np.array([seqs[0][5 + j], seqs[1][12 + j]], np.int32)
+        _, logits, cache, history = engine.decode(tokens, lengths + j, cache, history, sampler)
+        for r in range(2):
+            rows[r].append(np.asarray(logits[r]))
+    assert spec(cache.k[0]) == P("data", "tensor", None, None)
+    for r, n in enumerate(lengths):
+        np.testing.assert_allclose(np.stack(rows[r]), single.logits(seqs[r])[n - 1 : n + 4], atol=2e-5, rtol=0)
+
+
+def test_the_server_streams_from_a_sharded_model():
+    from fastapi.testclient import TestClient
+
+    from qwen3moe_jax.server import create_app
+
+    model = qj.load(mesh=qj.make_mesh(expert=2, tensor=4), progress=False)
+    want = qj.load(progress=False).complete("def fibonacci(n):\n", 16, stop_token_ids=[]).text
+    with TestClient(create_app(model, "bundled")) as client:
+        body = {"model": "bundled", "prompt": "def fibonacci(n):\n", "max_tokens": 16, "stream": True,
+                "temperature": 0}
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert len(chunks) > 2  # streamed, not one piece
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_gloo_lines(text: str) -> str:
+    # gloo's C++ side reports its connections on stdout, in every process.
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+
+
+def test_two_processes_of_four_devices_generate_what_one_process_does():
+    """Multi-host on one machine: 2 processes x 4 CPU devices joined by jax.distributed (gloo), one mesh of
+    expert=2 x tensor=4 over all 8; process 0 prints, and prints what a single process prints."""
+    argv = [sys.executable, "-m", "qwen3moe_jax.cli", "generate", "--prompt", "def fibonacci(n):\n",
+            "--max-new-tokens", "24", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+    single = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(argv + ["--mesh", "expert=2,tensor=4", "--coordinator", coordinator,
+                                      "--num-processes", "2", "--process-id", str(k)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    assert "over a mesh of {'data': 1, 'expert': 2, 'tensor': 4}" in outputs[0][1]
+    printed = [_without_gloo_lines(out) for out, _ in outputs]
+    assert printed[0] == single.stdout and len(single.stdout) > len("def fibonacci(n):\n")
+    assert printed[1] == ""  # only process 0 prints
+    print(single.stdout)
+
+
+def test_mesh_errors_are_specific():
+    with pytest.raises(qj.ConfigError, match="needs 16 devices"):
+        qj.make_mesh(expert=16)
+    from qwen3moe_jax.sharding import parse_mesh
+
+    assert parse_mesh("expert=2,tensor=4") == {"expert": 2, "tensor": 4}
+    with pytest.raises(qj.ConfigError, match="bad mesh"):
+        parse_mesh("experts=2")
+    assert len(jax.devices()) == 8
