@@ -138,6 +138,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qwen3moe_jax.config import preset
+    from qwen3moe_jax.plan import format_plans, plan
+    from qwen3moe_jax.sharding import parse_mesh
+
+    rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch))
+            for name in args.preset or ["qwen3-30b-a3b", "qwen3-235b-a22b"]
+            for dtype in args.dtype or ["bfloat16", "int8"]
+            for mesh in args.mesh or ["expert=1", "expert=2", "expert=4", "expert=8"]]
+    print(format_plans(rows, args.device_memory_gb))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup-tokens", type=int, default=256,
                      help="compile prefill for prompts up to this length before serving")
     srv.set_defaults(func=cmd_serve)
+
+    pln = sub.add_parser("plan", help="per-device memory of params and KV cache on a mesh, nothing allocated")
+    pln.add_argument("--preset", action="append", choices=preset_names(),
+                     help="repeatable (default: qwen3-30b-a3b and qwen3-235b-a22b)")
+    pln.add_argument("--mesh", action="append", help="e.g. expert=8; repeatable (default: expert=1, 2, 4 and 8)")
+    pln.add_argument("--dtype", action="append", choices=("bfloat16", "float32", "int8"),
+                     help="repeatable (default: bfloat16 and int8)")
+    pln.add_argument("--context", type=int, default=32768, help="KV cache length per row")
+    pln.add_argument("--batch", type=int, default=1, help="KV cache rows")
+    pln.add_argument("--device-memory-gb", type=float, default=80.0,
+                     help="device memory to check against (90%% of it for params + cache)")
+    pln.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -100,6 +100,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.mesh = mesh  # a jax.sharding.Mesh the params are sharded over (sharding.py), or None
+        # Process 0 of a multi-process server: each request's steps are announced to the others (multihost.py).
+        self.leading = False
         self._cache: KVCache | None = None
 
     @property
@@ -147,6 +149,17 @@ class Engine:
             raise Qwen3MoeError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
     def tokens(self, prompt: Sequence[int], sampling: SamplingParams, limit: int) -> Iterator[tuple[int, jax.Array]]:
+        """Yield (token id, the logits [B, V] it was drawn from, on device) for up to `limit` new tokens
+        (see local_tokens; when leading a multi-process server, the other processes take the same steps)."""
+        if self.leading:
+            from qwen3moe_jax.multihost import lead
+
+            return lead(self, prompt, sampling, limit)
+        return self.local_tokens(prompt, sampling, limit)
+
+    def local_tokens(
+        self, prompt: Sequence[int], sampling: SamplingParams, limit: int
+    ) -> Iterator[tuple[int, jax.Array]]:
         """Yield (token id, the logits [B, V] it was drawn from, on device) for up to `limit` new tokens.
 
         The caller checks the request first (check_tokens, check_request) and decides when to stop:

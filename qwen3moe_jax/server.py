@@ -15,6 +15,7 @@ request cancelled; the generation loop's on_token callback then returns False at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import queue
@@ -403,19 +404,37 @@ def _usage(usage) -> dict[str, int]:
 
 
 def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int) -> None:
-    """Compile for prompts up to warmup_tokens (one prefill per length bucket) and decode, then serve."""
+    """Compile for prompts up to warmup_tokens (one prefill per length bucket) and decode, then serve.
+    Under multi-host every process warms up alike; process 0 serves and the others follow its steps."""
+    import jax
     import uvicorn
 
+    from qwen3moe_jax import multihost
     from qwen3moe_jax.engine import bucket_length
 
+    leader = jax.process_index() == 0
     start = time.perf_counter()
     limit = min(warmup_tokens, model.max_seq_len - 1)
     length = 1
     while length <= limit:  # one prompt per prefill bucket, 16, 32, ... up to the one holding `limit`
         bucket = bucket_length(length, model.max_seq_len)
-        print(f"[compiling prefill for prompts of up to {bucket} tokens]", file=sys.stderr, flush=True)
+        if leader:
+            print(f"[compiling prefill for prompts of up to {bucket} tokens]", file=sys.stderr, flush=True)
         model.engine.warmup(min(bucket, model.max_seq_len - 1))
         length = bucket + 1
+    if not leader:
+        multihost.follow(model.engine)
+        return
     print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port}]",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(model, model_name), host=host, port=port, log_level="warning")
+    app = create_app(model, model_name)
+    if jax.process_count() > 1:
+        model.engine.leading = True
+
+        @contextlib.asynccontextmanager
+        async def release_followers(_: FastAPI) -> AsyncIterator[None]:
+            yield
+            multihost.shutdown()  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
+
+        app.router.lifespan_context = release_followers
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -204,3 +205,37 @@ def test_mesh_errors_are_specific():
     with pytest.raises(qj.ConfigError, match="bad mesh"):
         parse_mesh("experts=2")
     assert len(jax.devices()) == 8
+
+
+def test_a_two_process_server_answers_as_one_process_and_shuts_down_cleanly():
+    """serve across 2 processes x 4 devices: process 0 serves HTTP, process 1 follows its steps (multihost.py);
+    a stream the client leaves early does not desynchronise them; SIGTERM to process 0 ends both."""
+    import httpx
+
+    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
+                               "--max-seq-len", "128", "--warmup-tokens", "16", "--mesh", "expert=2,tensor=4",
+                               "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(k)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                name = httpx.get(f"{url}/health").json()["model"]
+                break
+            except httpx.TransportError:
+                assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+                time.sleep(0.5)
+        local = qj.load(progress=False)
+        body = {"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
+            next(r.iter_lines())  # leave after the first chunk
+        for _ in range(2):
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+            assert reply["choices"][0]["text"] == local.complete(body["prompt"], 16, stop_token_ids=[]).text
+    finally:
+        procs[0].terminate()
+        codes = [p.wait(timeout=60) for p in procs]
+    assert codes[1] == 0, procs[1].stderr.read()
