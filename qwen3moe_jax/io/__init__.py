@@ -1,5 +1,6 @@
 """Checkpoint readers. Each format supplies, per param name, a function building that tensor in numpy;
-`materialize` walks the param specs, builds each tensor and puts it on the device before the next."""
+`materialize` walks the param specs, builds each tensor (quantizing it for int8) and puts it on the device
+before the next."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
 from qwen3moe_jax.model import Params, ParamSpec, param_name, param_specs
+from qwen3moe_jax.quant import host_param
 
 TensorSource = Callable[[Any], np.ndarray]  # numpy dtype -> array in our layout
 
@@ -25,17 +27,19 @@ def materialize(
     progress: bool = True,
     desc: str = "loading",
 ) -> Params:
-    """Build the params pytree tensor by tensor, checking each shape against its spec."""
+    """Build the params pytree tensor by tensor, checking each shape against its spec. For int8 each
+    tensor is read in float32 and quantized on the host (quant.host_param) before it goes to the device."""
     specs = param_specs(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
     np_dtype = np.dtype(dtype)
+    read_dtype = np.dtype(np.float32) if np_dtype == np.int8 else np_dtype
     total = sum(math.prod(spec.shape) for _, spec in flat) * np_dtype.itemsize
     leaves = []
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
         for path, spec in flat:
             name = param_name(path)
             try:
-                array = source_for(name)(np_dtype)
+                array = source_for(name)(read_dtype)
             except ValueError as err:  # numpy reshape/broadcast failures: the file disagrees with the config
                 raise CheckpointError(
                     f"tensor for {name} does not fit shape {spec.shape} of the config: {err}"
@@ -44,7 +48,7 @@ def materialize(
                 raise CheckpointError(
                     f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
                 )
-            leaves.append(jax.device_put(array))
+            leaves.append(jax.device_put(host_param(name, spec.axes, array, np_dtype)))
             del array
             bar.update(math.prod(spec.shape) * np_dtype.itemsize)
     return jax.tree_util.tree_unflatten(treedef, leaves)
