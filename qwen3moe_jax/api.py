@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -35,6 +36,7 @@ from qwen3moe_jax.io.hf import (
     write_hf,
 )
 from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
+from qwen3moe_jax.quant import QuantizedWeight, dequantize
 from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.sharding import replicate, use_mesh
@@ -43,7 +45,9 @@ from qwen3moe_jax.tokenizer import Tokenizer
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "qwen3-moe-pystdlib-Q8_0.gguf"
-DTYPES = ("float32", "bfloat16", "float16")
+# "int8": attention, expert, dense MLP and lm_head matrices stored as int8 with per-channel scales,
+# everything else and all computation in bfloat16 (see quant.py).
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 class Model:
@@ -199,6 +203,11 @@ def load(
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
 
+    dtype is one of DTYPES. "int8" means int8 weights with bfloat16 compute: each matrix of attention,
+    the experts, the dense MLPs and lm_head is quantized on the host as it is read (symmetric, one float32
+    scale per output channel; from a GGUF file, after dequantizing its blocks), and the embedding table,
+    norms, routers, activations and KV cache are bfloat16.
+
     With a mesh (`make_mesh`), every tensor is placed straight into its shards as it is read, and the model
     runs sharded over the mesh (see sharding.py)."""
     path = Path(BUNDLED_MODEL if path is None else path)
@@ -234,16 +243,25 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
     """Export the model as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0): weights, config and,
-    when the model has one and with_tokenizer is set, the tokenizer with its chat template."""
-    arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
-    write_gguf(path, model.config, arrays, qtype, model.tokenizer if with_tokenizer else None)
+    when the model has one and with_tokenizer is set, the tokenizer with its chat template. The weights of
+    an int8 model are written dequantized (values * scale) and then stored in qtype."""
+    write_gguf(path, model.config, _float32_arrays(model.params), qtype, model.tokenizer if with_tokenizer else None)
 
 
 def save_hf(model: Model, directory: str | Path) -> None:
     """Export the model as a Hugging Face checkpoint directory (config.json, model.safetensors in float32,
-    and the tokenizer with its chat template when the model has one), loadable by transformers."""
-    arrays = {name: np.asarray(a, np.float32) for name, a in named_leaves(model.params).items()}
-    write_hf(directory, model.config, arrays, model.tokenizer)
+    and the tokenizer with its chat template when the model has one), loadable by transformers. The
+    weights of an int8 model are written dequantized (values * scale)."""
+    write_hf(directory, model.config, _float32_arrays(model.params), model.tokenizer)
+
+
+def _float32_arrays(params: Params) -> dict[str, np.ndarray]:
+    """{param name: float32 host array}; int8 weights are copied to the host as int8 and dequantized there,
+    so the device never holds a float32 copy."""
+    return {
+        name: dequantize(jax.device_get(a)) if isinstance(a, QuantizedWeight) else np.asarray(a, np.float32)
+        for name, a in named_leaves(params).items()
+    }
 
 
 def random_model(
@@ -255,7 +273,8 @@ def random_model(
     mesh: Mesh | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
-    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given."""
+    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype as
+    for `load` ("int8" included)."""
     if isinstance(config, str):
         config = preset(config)
     params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)

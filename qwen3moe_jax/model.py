@@ -23,6 +23,7 @@ from flax import struct
 
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.quant import QuantizedWeight, host_param
 from qwen3moe_jax.sharding import constrain, logical_spec, mesh_sizes, place
 
 Array = jax.Array
@@ -137,39 +138,65 @@ def param_name(path: tuple) -> str:
 
 
 def named_leaves(tree: Any) -> dict[str, Any]:
-    """{dotted name: leaf} of a params pytree or its specs, in tree order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, ParamSpec))
+    """{dotted name: leaf} of a params pytree or its specs, in tree order (a QuantizedWeight is one leaf)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, (ParamSpec, QuantizedWeight))
+    )
     return {param_name(path): leaf for path, leaf in flat}
 
 
 def init_params(
     config: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, std: float = 0.02, mesh: Any = None
 ) -> Params:
-    """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks; with a mesh,
-    each tensor goes straight to its shards (sharding.py).
+    """Random weights (normal(0, std) matrices, unit norms): for tests, demos and benchmarks. dtype "int8"
+    quantizes the matrices as loading does (quant.host_param); with a mesh, each tensor goes straight to its
+    shards (sharding.py).
 
     Drawn by NumPy on the host, leaf by leaf: jax.random would compile a generator for every
     tensor shape, ~8 s for even the tiny preset on CPU, where this takes milliseconds.
     """
     specs = param_specs(config)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
 
-    def make(index: int, spec: ParamSpec) -> Array:
+    def make(index: int, name: str, spec: ParamSpec) -> Any:
         if spec.kind == "norm":
-            return place(np.ones(spec.shape, dtype), spec.axes, mesh)
-        values = np.random.default_rng([seed, index]).standard_normal(spec.shape, np.float32) * np.float32(std)
-        return place(values.astype(dtype), spec.axes, mesh)
+            values = np.ones(spec.shape, np.float32)
+        else:
+            values = np.random.default_rng([seed, index]).standard_normal(spec.shape, np.float32) * np.float32(std)
+        return place(host_param(name, spec.axes, values, dtype), spec.axes, mesh)
 
-    return jax.tree.unflatten(treedef, [make(i, spec) for i, spec in enumerate(leaves)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [make(i, param_name(path), spec) for i, (path, spec) in enumerate(leaves)]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- math
 
 
-def einsum(spec: str, x: Array, w: Array) -> Array:
-    """The one matmul of the model. f32 asks for full f32 precision, so parity runs are not TF32 on GPU."""
+def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
+    """The one matmul of the model. f32 asks for full f32 precision, so parity runs are not TF32 on GPU.
+
+    An int8 QuantizedWeight is contracted as stored, its values converted to x's dtype (exact: bfloat16
+    holds every integer up to 256), which on GPU XLA fuses into the matmul's read of the int8 operand.
+    The per-channel scale then multiplies the float32 result, exact because it is constant along the
+    contracted axes, before the one rounding to x's dtype.
+    """
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return jnp.einsum(spec, x, w, precision=precision)
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum(spec, x, w, precision=precision)
+    y = jnp.einsum(spec, x, w.values.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32)
+    return (y * _scale_for_output(spec, w.scale)).astype(x.dtype)
+
+
+def _scale_for_output(spec: str, scale: Array) -> Array:
+    """A QuantizedWeight's scale (the weight's axes, contracted ones of size 1) laid out to broadcast
+    against the output of einsum `spec`, e.g. "bte,ehd->bthd": scale [1, H, D] -> [1, 1, H, D]."""
+    inputs, out = spec.split("->")
+    w_axes, out_axes = inputs.split(",")[1], out.removeprefix("...")  # "..." only leads, on x and out
+    kept = [a for a in w_axes if a in out_axes]
+    assert kept == [a for a in out_axes if a in kept], f"{spec}: the output must keep the weight's axis order"
+    s = jnp.squeeze(scale, [i for i, a in enumerate(w_axes) if a not in kept])  # the contracted axes
+    return jnp.expand_dims(s, [i for i, a in enumerate(out_axes) if a not in kept])
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -316,13 +343,17 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
 
 
 def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
-    """SwiGLU of rows [M, E] sorted by expert (group_sizes [experts] rows each), via lax.ragged_dot.
+    """SwiGLU of rows [M, E] sorted by expert (group_sizes [experts] rows each, row_expert [M] each row's
+    expert), via lax.ragged_dot. Quantized weights as in `einsum`, each row scaled by its expert's scales.
     Rows past the groups (expert id = number of experts) come out zero, as ragged_dot defines."""
-    del row_expert  # implied by group_sizes
     precision = jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
 
-    def grouped(a: Array, w: Array) -> Array:
-        return jax.lax.ragged_dot(a, w, group_sizes, precision=precision)
+    def grouped(a: Array, w: Array | QuantizedWeight) -> Array:
+        if not isinstance(w, QuantizedWeight):
+            return jax.lax.ragged_dot(a, w, group_sizes, precision=precision)
+        y = jax.lax.ragged_dot(a, w.values.astype(a.dtype), group_sizes, precision=precision,
+                               preferred_element_type=jnp.float32)
+        return (y * w.scale[row_expert, 0]).astype(a.dtype)  # scale [experts, 1, out] -> [M, out]
 
     return grouped(jax.nn.silu(grouped(rows, p.gate)) * grouped(rows, p.up), p.down)
 
@@ -333,7 +364,8 @@ def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_s
 
     b is about M / experts (a power of two, at most 256), so the blocks number at most about 3x the experts
     and padding costs at most experts * (b - 1) rows; for a decode step b = 1 and only the chosen experts'
-    weights are read. Rows whose expert id is the number of experts (held by another device) come out zero.
+    weights are read. Indexing a QuantizedWeight by block_expert gathers its values and scales alike.
+    Rows whose expert id is the number of experts (held by another device) come out zero.
     """
     M, E = rows.shape
     X = group_sizes.shape[0]

@@ -89,20 +89,25 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int])
     return NamedSharding(mesh, logical_spec(axes, shape, dict(mesh.shape)))
 
 
-def place(array: np.ndarray, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
-    """Put a host array on the device(s): with a mesh, each addressable device receives only its shard,
-    so no device ever holds a full copy of a sharded tensor."""
+def place(array: Any, axes: Sequence[str | None], mesh: Mesh | None) -> Any:
+    """Put a host array (or a pytree of arrays with the same logical axes, like an int8 QuantizedWeight's
+    values and scales) on the device(s): with a mesh, each addressable device receives only its shard, so
+    no device ever holds a full copy of a sharded tensor."""
     if mesh is None:
         return jax.device_put(array)
-    sharding = named_sharding(mesh, axes, array.shape)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    def one(a: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(a.shape, named_sharding(mesh, axes, a.shape), lambda index: a[index])
+
+    return jax.tree.map(one, array)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
     """Host values (numpy or single-device arrays) as arrays replicated over the mesh: a step's small
-    inputs (tokens, positions, sampler settings), identical on every process under multi-host."""
+    inputs (tokens, positions, sampler settings), identical on every process under multi-host. Without a
+    mesh, device arrays on the default device."""
     if mesh is None:
-        return tree
+        return jax.tree.map(jnp.asarray, tree)
 
     def one(a: Any) -> jax.Array:
         if jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key):  # rng keys travel as their bits
