@@ -103,6 +103,8 @@ class HFResult:
     transformers_version: str
     torch_version: str
     device: str
+    torch_threads: int  # on the CPU, the faster of torch's default and 1 on a short decode
+    thread_probe: dict[str, float]  # that short decode's tokens/s per thread count tried (CPU only)
     attn_implementation: str
     experts_implementation: str
     prefill: list[Prefill]
@@ -299,14 +301,19 @@ def _run_hf(model: Model, prompts: dict[int, list[int]], prompt_len: int, decode
         notes.append(no_room)
         return None
     progress(f"building transformers {transformers.__version__} Qwen3MoeForCausalLM with the same weights on {device}")
+    threads = torch.get_num_threads()
     try:
         hf = transformers_model(model, device)
-        prefill, ttft, rate = _measure_hf(hf, device, prompts, prompt_len, decode_tokens, repeats, progress)
+        prefill, ttft, rate, probe = _measure_hf(hf, device, prompts, prompt_len, decode_tokens, repeats, progress)
+        hf_threads = torch.get_num_threads()
     except torch.OutOfMemoryError:
         notes.append(no_room)
         return None
+    finally:
+        torch.set_num_threads(threads)
     return HFResult(
         transformers_version=transformers.__version__, torch_version=torch.__version__, device=device,
+        torch_threads=hf_threads, thread_probe=probe,
         attn_implementation=hf.config._attn_implementation,
         experts_implementation=getattr(hf.config, "_experts_implementation", None) or "eager",
         prefill=prefill, ttft_s=ttft, decode_tokens_per_s=rate,
@@ -315,8 +322,9 @@ def _run_hf(model: Model, prompts: dict[int, list[int]], prompt_len: int, decode
 
 
 def _measure_hf(hf: Any, device: str, prompts: dict[int, list[int]], prompt_len: int, decode_tokens: int,
-                repeats: int, progress: Callable[[str], None]) -> tuple[list[Prefill], float, float]:
-    """(prefill per prompt length, time to first token, decode tokens/s) of a transformers model, medians."""
+                repeats: int, progress: Callable[[str], None]) -> tuple[list[Prefill], float, float, dict[str, float]]:
+    """(prefill per prompt length, time to first token, decode tokens/s) of a transformers model, medians, and
+    on the CPU the thread probe's tokens/s per thread count (the faster is left set)."""
     import torch
 
     def first_token_seconds(ids: list[int]) -> float:
@@ -327,7 +335,7 @@ def _measure_hf(hf: Any, device: str, prompts: dict[int, list[int]], prompt_len:
         return time.perf_counter() - start
 
     def generate(ids: list[int], new_tokens: int) -> tuple[float, float]:
-        """(time to first token, tokens/s after the first) of a greedy generate, as Usage counts ours."""
+        """(time to first token, tokens/s after the first) of a greedy generate, counted as Usage counts ours."""
         x, clock = torch.tensor([ids], device=device), _TokenClock()
         start = time.perf_counter()
         hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -335,7 +343,18 @@ def _measure_hf(hf: Any, device: str, prompts: dict[int, list[int]], prompt_len:
         first, *_, last = clock.times[1:]  # times[0]: the prompt
         return first - start, (len(clock.times) - 2) / (last - first)
 
+    probe = {}
     with torch.inference_mode():
+        if device == "cpu":
+            progress("transformers: choosing torch's thread count")
+            # torch splits every op over all cores by default, which for a small model costs more than it gains
+            # (several times over on a busy 2-core machine, measured): keep the baseline at its best, the faster
+            # of its default and one thread on a short decode.
+            for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+                torch.set_num_threads(threads)
+                generate(prompts[prompt_len], 2)
+                probe[str(threads)] = generate(prompts[prompt_len], min(decode_tokens, 16))[1]
+            torch.set_num_threads(int(max(probe, key=probe.__getitem__)))
         prefill = []
         for n, ids in prompts.items():
             progress(f"transformers: measuring prefill of {n} tokens")
@@ -345,7 +364,7 @@ def _measure_hf(hf: Any, device: str, prompts: dict[int, list[int]], prompt_len:
         progress(f"transformers: measuring greedy decode of {decode_tokens} tokens")
         generate(prompts[prompt_len], 2)
         runs = [generate(prompts[prompt_len], decode_tokens) for _ in range(repeats)]
-    return prefill, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return prefill, statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), probe
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -376,11 +395,15 @@ def format_table(result: BenchResult) -> str:
         f"{r.model}: {r.params / 1e6:,.1f} M parameters ({r.active_params / 1e6:,.1f} M active), {r.dtype}, "
         f"KV cache {r.max_seq_len} positions",
         f"{r.platform}: {r.device}; jax {r.jax_version}, jaxlib {r.jaxlib_version}; {r.date}",
-        f"median of {r.repeats} runs; decode: {r.decode_tokens} new tokens after a {r.decode_prompt_tokens}-token "
-        "prompt, sampled (" + ", ".join(f"{k} {v}" for k, v in r.sampling.items()) + ")",
+        f"median of {r.repeats} runs; decode: {r.decode_tokens} new tokens after a prompt of {r.decode_prompt_tokens} "
+        "tokens, sampled (" + ", ".join(f"{k} {v}" for k, v in r.sampling.items()) + ")",
     ]
     if hf:
-        lines.append(f"transformers {hf.transformers_version} (torch {hf.torch_version}) on {hf.device}, "
+        threads = ""
+        if hf.thread_probe:
+            tried = ", ".join(f"{n} thread{'s' * (int(n) > 1)} {rate:,.1f}" for n, rate in hf.thread_probe.items())
+            threads = f", {hf.torch_threads} thread{'s' * (hf.torch_threads > 1)} (short decode, tokens/s: {tried})"
+        lines.append(f"transformers {hf.transformers_version} (torch {hf.torch_version}) on {hf.device}{threads}, "
                      f"attention {hf.attn_implementation}, experts {hf.experts_implementation}, the same weights and "
                      "dtype; its decode is greedy generate")
 
@@ -390,7 +413,7 @@ def format_table(result: BenchResult) -> str:
         theirs = hf_prefill.get(p.tokens)
         rows.append((f"prefill {p.tokens} tokens, tokens/s", _num(p.tokens_per_s),
                      *_versus(p.tokens_per_s, theirs and theirs.tokens_per_s)))
-    rows.append((f"time to first token, {r.decode_prompt_tokens}-token prompt, ms", _num(r.ttft_s * 1e3),
+    rows.append((f"time to first token, prompt of {r.decode_prompt_tokens} tokens, ms", _num(r.ttft_s * 1e3),
                  *_versus(1 / r.ttft_s, hf and 1 / hf.ttft_s, f"{hf.ttft_s * 1e3:,.1f}" if hf else "")))
     for d in r.decode:
         if d.through == "Model.stream":

@@ -156,12 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "
                                        "(random weights at any shape with --preset)")
     add_model_args(bch)
-    bch.add_argument("--prompt-lengths", type=_int_list, default=list(bench.DEFAULT_PROMPT_LENGTHS),
+    bch.add_argument("--prompt-lengths", type=_int_list, default=",".join(map(str, bench.DEFAULT_PROMPT_LENGTHS)),
                      help="prefill lengths to time, comma-separated; those that do not fit the KV cache are skipped "
                           "(default: %(default)s)")
     bch.add_argument("--decode-tokens", type=int, default=bench.DEFAULT_DECODE_TOKENS,
-                     help="new tokens per decode request, after the shortest prompt (default: %(default)s)")
-    bch.add_argument("--batch-sizes", type=_int_list, default=list(bench.DEFAULT_BATCH_SIZES),
+                     help="new tokens per decode request, after the shortest prompt; cut to what the KV cache "
+                          "holds (default: %(default)s)")
+    bch.add_argument("--batch-sizes", type=_int_list, default=",".join(map(str, bench.DEFAULT_BATCH_SIZES)),
                      help="engine batch sizes to time decode at, beside batch 1 through the generation loop; "
                           "empty for none (default: %(default)s)")
     bch.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
