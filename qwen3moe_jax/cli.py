@@ -1,17 +1,20 @@
 """Command line: `qwen3moe-jax generate --prompt TEXT` streams a completion to stdout from the bundled model
 (or --model PATH, or random weights at --preset NAME); with --chat the prompt is a user message, formatted by
-the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible server."""
+the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible server; `qwen3moe-jax bench`
+measures a model (see qwen3moe_jax/bench.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from qwen3moe_jax import bench
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
-from qwen3moe_jax.config import preset_names
+from qwen3moe_jax.config import preset, preset_names
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
 from qwen3moe_jax.sampling import SamplingParams
 
@@ -24,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
+    p.add_argument("--layers", type=int, help="with --preset: keep only its first N layers (a smaller model of the "
+                                              "same layer shape)")
     p.add_argument("--mesh", default="", help="shard over a device mesh, e.g. 'expert=8' or 'data=2,expert=2,"
                                             "tensor=2' (default: one device)")
     multi = p.add_argument_group("multi-host (all three, or the environment variables in brackets)")
@@ -85,14 +90,29 @@ def build_model(args: argparse.Namespace) -> Model:
     init_distributed(args)
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     start = time.perf_counter()
+    if args.layers is not None and not args.preset:
+        raise ConfigError("--layers applies to --preset only")
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh)
     else:
+        config = preset(args.preset)
+        if args.layers is not None:
+            if not 1 <= args.layers <= config.num_layers:
+                raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
+            config = config.replace(num_layers=args.layers)
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
-        model = random_model(args.preset, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh)
+        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh)
     where = f" over a mesh of {dict(mesh.shape)}" if mesh is not None else ""
     _status(f"loaded in {time.perf_counter() - start:.1f}s{where}")
     return model
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """What the model of these arguments is called: the preset, or the checkpoint's file or directory name."""
+    if args.preset:
+        layers = f" ({args.layers} of {preset(args.preset).num_layers} layers)" if args.layers is not None else ""
+        return args.preset + layers
+    return Path(args.model or BUNDLED_MODEL).name.removesuffix(".gguf")
 
 
 def _status(message: str) -> None:
@@ -133,13 +153,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
     model = build_model(args)
-    name = args.served_model_name or args.preset or Path(args.model or BUNDLED_MODEL).name.removesuffix(".gguf")
-    serve(model, name, args.host, args.port, args.warmup_tokens)
+    serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens)
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the whole run
+        raise Qwen3MoeError(f"--json: the folder of {args.json} does not exist")
+    model = build_model(args)
+    result = bench.run_bench(model, model_name(args), args.prompt_lengths, args.decode_tokens, args.batch_sizes,
+                             args.repeats, compare_hf=args.compare == "hf", progress=_status)
+    if not is_leader():  # the others took part in every step; process 0 reports
+        return 0
+    print(bench.format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        _status(f"wrote {args.json}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from qwen3moe_jax.config import preset
     from qwen3moe_jax.plan import format_plans, plan
     from qwen3moe_jax.sharding import parse_mesh
 
@@ -170,6 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup-tokens", type=int, default=256,
                      help="compile prefill for prompts up to this length before serving")
     srv.set_defaults(func=cmd_serve)
+
+    bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "
+                                       "(random weights at any shape with --preset)")
+    add_model_args(bch)
+    bch.add_argument("--prompt-lengths", type=_int_list, default=",".join(map(str, bench.DEFAULT_PROMPT_LENGTHS)),
+                     help="prefill lengths to time, comma-separated; those that do not fit the KV cache are skipped "
+                          "(default: %(default)s)")
+    bch.add_argument("--decode-tokens", type=int, default=bench.DEFAULT_DECODE_TOKENS,
+                     help="new tokens per decode request, after the shortest prompt; cut to what the KV cache "
+                          "holds (default: %(default)s)")
+    bch.add_argument("--batch-sizes", type=_int_list, default=",".join(map(str, bench.DEFAULT_BATCH_SIZES)),
+                     help="engine batch sizes to time decode at, beside batch 1 through the generation loop; "
+                          "empty for none (default: %(default)s)")
+    bch.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
+    bch.add_argument("--compare", choices=["hf"], help="hf: run transformers on the same weights and report ratios")
+    bch.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    bch.set_defaults(func=cmd_bench)
 
     pln = sub.add_parser("plan", help="per-device memory of params and KV cache on a mesh, nothing allocated")
     pln.add_argument("--preset", action="append", choices=preset_names(),

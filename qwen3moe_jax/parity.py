@@ -22,7 +22,8 @@ import qwen3moe_jax as qj
 from qwen3moe_jax.api import DTYPES
 from qwen3moe_jax.errors import CheckpointError
 from qwen3moe_jax.io.gguf_file import GGUFTensors, is_gguf_file, read_gguf_config
-from qwen3moe_jax.io.hf import is_hf_dir, read_hf_config, read_hf_tokenizer
+from qwen3moe_jax.io.hf import hf_tensors, is_hf_dir, read_hf_config, read_hf_tokenizer
+from qwen3moe_jax.model import named_leaves
 from qwen3moe_jax.tokenizer import Tokenizer
 
 SOURCES = ("ours", "transformers", "llama.cpp")
@@ -56,6 +57,32 @@ def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
             do_sample=False, eos_token_id=None, pad_token_id=0,
         )
     return out[0, len(ids):].tolist()
+
+
+def transformers_model(model: qj.Model, device: str = "cpu"):
+    """A transformers Qwen3MoeForCausalLM (eval mode) holding `model`'s weights in its dtype, built in memory:
+    each param is mapped to its published HF names (io.hf.hf_tensors) and transformers fuses the experts into
+    its own layout as it does when loading a checkpoint. Built on the CPU, then moved to `device`."""
+    import torch
+    import transformers
+
+    state = {}
+    for name, leaf in named_leaves(model.params).items():  # one param on the host at a time, beside the state
+        for hf_name, array in hf_tensors(name, np.asarray(leaf), model.config):
+            state[hf_name] = _torch_tensor(array)
+    config = transformers.Qwen3MoeConfig.from_dict(model.config.to_hf_dict())
+    dtype = getattr(torch, model.params.embed.dtype.name)
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    return hf.to(device).eval()
+
+
+def _torch_tensor(array: np.ndarray):
+    import torch
+
+    array = np.array(array, order="C")  # a writable contiguous copy: the HF layouts are transposed views
+    if array.dtype.name == "bfloat16":  # numpy has no bfloat16 of its own (ml_dtypes'): hand torch the bits
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

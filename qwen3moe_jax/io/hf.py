@@ -171,7 +171,7 @@ def write_hf(directory: str | Path, config: ModelConfig, named_arrays: dict[str,
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     tensors: dict[str, np.ndarray] = {}
     for name, array in named_arrays.items():
-        for hf_name, value in _hf_tensors(name, np.asarray(array), config):
+        for hf_name, value in hf_tensors(name, np.asarray(array), config):
             tensors[hf_name] = np.ascontiguousarray(value)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -181,8 +181,9 @@ def write_hf(directory: str | Path, config: ModelConfig, named_arrays: dict[str,
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
 
 
-def _hf_tensors(name: str, array: np.ndarray, c: ModelConfig) -> list[tuple[str, np.ndarray]]:
-    """Our param -> its (HF name, HF array) pairs: the inverse of hf_tensor_source."""
+def hf_tensors(name: str, array: np.ndarray, c: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """Our param -> its (published HF name, HF array) pairs: the inverse of hf_tensor_source. The arrays may
+    be views of `array` (transposes), so each costs no copy until it is written."""
     top = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
            "lm_head": ("lm_head.weight", True)}
     if name in top:
