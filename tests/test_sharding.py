@@ -20,14 +20,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import qwen3moe_jax as qj
+from qwen3moe_jax.bench import CompileLog
 from qwen3moe_jax.engine import Engine
 from qwen3moe_jax.model import named_leaves, param_specs
 from qwen3moe_jax.sampling import SamplerState
 from qwen3moe_jax.sharding import logical_spec
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # expert x tensor
-# The event jax records for each XLA compilation.
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 SEEDED = qj.SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.1, seed=11)
 
 
@@ -94,25 +93,16 @@ def test_each_device_holds_its_share_of_the_expert_weights():
 def test_decode_keeps_the_cache_sharded_in_place_and_does_not_recompile(hf_tiny):
     mesh = qj.make_mesh(expert=2, tensor=2)
     model = qj.load(hf_tiny[0], max_seq_len=48, progress=False, mesh=mesh)  # a cache length no other test uses
-    compiles = []
-
-    def count(event: str, *_, **__) -> None:
-        if event == BACKEND_COMPILE:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with CompileLog() as log:
         model.engine.warmup(7, 20)
-        assert compiles, "the counter saw warm-up's compilations"
-        compiles.clear()
+        assert log.compiles() > 0, "the counter saw warm-up's compilations"
+        mark = len(log.events)
         cache = model.engine._cache
         assert spec(cache.k[0]) == P(None, "tensor", None, None)  # 2 kv heads over tensor=2
         pointers = [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v]
         model.generate([5, 17, 99, 3, 250, 42, 7], 20, SEEDED, stop_token_ids=[])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
+        assert log.compiles(mark) == 0  # XLA compiled nothing after warm-up
     cache = model.engine._cache
-    assert compiles == []  # XLA compiled nothing after warm-up
     assert all(spec(a) == P(None, "tensor", None, None) for a in cache.k + cache.v)
     assert [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v] == pointers
 
