@@ -334,12 +334,20 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     order = jnp.argsort(pair_expert, stable=True)
     pair_token = order // k
     group_sizes = jnp.bincount(pair_expert, length=held).astype(jnp.int32)
-    # XLA:CPU lowers ragged_dot to a masked loop over all experts, 8x slower than the blocked form
-    # (measured, forward and gradient); on accelerators ragged_dot is the grouped GEMM it is meant to be.
-    swiglu = experts_swiglu_blocked if jax.default_backend() == "cpu" else experts_swiglu_ragged
-    out_rows = swiglu(p, flat[pair_token], pair_expert[order], group_sizes) * weights.reshape(-1)[order][:, None]
+    out_rows = experts_swiglu(p, flat[pair_token], pair_expert[order], group_sizes)
+    out_rows = out_rows * weights.reshape(-1)[order][:, None]
     out = jnp.zeros_like(flat).at[pair_token].add(out_rows)
     return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
+
+
+def experts_swiglu(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
+    """SwiGLU of rows [M, E] sorted by expert, by the grouped kernel that is fast on this backend.
+
+    XLA:CPU lowers ragged_dot to a masked loop over all experts, 8x slower than the blocked form (measured,
+    forward and gradient); on accelerators ragged_dot is the grouped GEMM it is meant to be.
+    """
+    kernel = experts_swiglu_blocked if jax.default_backend() == "cpu" else experts_swiglu_ragged
+    return kernel(p, rows, row_expert, group_sizes)
 
 
 def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:

@@ -127,10 +127,10 @@ def zeros(shape: tuple[int, ...], dtype: Any, axes: Sequence[str | None], mesh: 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Inside a step traced under `use_mesh`: pin x to the sharding its logical axes give. Without a mesh
     (one device), x as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    sizes = mesh_sizes()
+    if not sizes:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, dict(mesh.shape)))
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, sizes))
 
 
 @contextlib.contextmanager

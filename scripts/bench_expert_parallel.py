@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.model import MOE_AXES, MoEParams, experts_swiglu_blocked, experts_swiglu_ragged, moe, route
+from qwen3moe_jax.model import MOE_AXES, MoEParams, experts_swiglu, moe, route
 from qwen3moe_jax.sharding import logical_spec, place, use_mesh
 
 
@@ -59,8 +59,7 @@ def routed_moe(p: MoEParams, x: jax.Array, config: qj.ModelConfig, sizes: dict[s
         row_expert = jax.lax.all_to_all(send_id, "expert", 0, 0).reshape(-1)
         order = jnp.argsort(row_expert, stable=True)
         group_sizes = jnp.bincount(row_expert, length=held).astype(jnp.int32)
-        swiglu = experts_swiglu_blocked if jax.default_backend() == "cpu" else experts_swiglu_ragged
-        done = swiglu(p, rows[order], row_expert[order], group_sizes)
+        done = experts_swiglu(p, rows[order], row_expert[order], group_sizes)
         done = jnp.zeros_like(done).at[order].set(done).reshape(ep, pairs, E)
         back = jax.lax.all_to_all(done, "expert", 0, 0)  # back[d]: the results of what this device sent to d
         out = jnp.zeros_like(x).at[token].add(back[dest, slot] * weights.reshape(-1)[:, None])
