@@ -48,5 +48,9 @@ def test_plan_command_prints_the_table(capsys):
                  "--context", "32768", "--batch", "8"]) == 0
     out = capsys.readouterr().out
     assert "qwen3-235b-a22b" in out and "1,8,1" in out and "bfloat16" in out
+    assert out.rstrip().endswith("no")  # 72.8 GB of params + 50.5 GB of cache per device: not on 80 GB
+    assert main(["plan", "--preset", "qwen3-235b-a22b", "--mesh", "expert=8", "--dtype", "bfloat16",
+                 "--context", "4096", "--batch", "1", "--device-memory-gb", "141"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("yes")
     with pytest.raises(SystemExit):
         main(["plan", "--preset", "no-such-model"])
