@@ -221,7 +221,7 @@ def load(
     config = read_hf_config(path)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
-        params = materialize(config, lambda name: hf_tensor_source(name, config, reader), dtype, progress,
+        params = materialize(config, lambda name: hf_tensor_source(name, config, reader), reader, dtype, progress,
                              f"loading {path.name}", mesh)
     return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh)
 
@@ -237,7 +237,7 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, 
             from_gguf_layout(name, tensors.get(gguf_name(name)), shapes[name].shape), dtype=dt
         )
 
-    params = materialize(config, source, dtype, progress, f"loading {path.name}", mesh)
+    params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh)
     return Model(config, params, tokenizer, max_seq_len, mesh)
 
 

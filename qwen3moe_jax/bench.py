@@ -11,11 +11,11 @@
 
 and, optionally, transformers' Qwen3MoeForCausalLM on the same weights in the same process, with our/HF ratios.
 
-How it measures: each timed section is preceded by a warm-up that runs the same shapes once, so compile time
-stays out of the figures (and is reported on its own). Every timed run ends on a host read of a sampled token,
-which waits for the device: the engine reads each token as it loops, so nothing is in flight when the clock
-stops. Each figure is the median of `repeats` runs. Prompts are random token ids, not zeros: which experts run
-depends on the tokens.
+How it measures: each timed section is preceded by a warm-up that runs the same requests once (every prompt
+bucket, batch size and attention window the timed runs reach), so compile time stays out of the figures (and is
+reported on its own). Every timed run ends on a host read of a sampled token, which waits for the device: the
+engine reads each token as it loops, so nothing is in flight when the clock stops. Each figure is the median of
+`repeats` runs. Prompts are random token ids, not zeros: which experts run depends on the tokens.
 """
 
 from __future__ import annotations
@@ -212,9 +212,11 @@ def run_bench(
             seconds = statistics.median(timed(_first_token_seconds, engine, ids, sampling))
             prefill.append(Prefill(n, seconds, n / seconds))
 
+        # The decode warm-ups run the whole request the timed runs make: decode compiles once per attention
+        # window (engine.py), and a request crosses into a new window as it grows (256, 512, ... positions).
         prompt = prompts[prompt_len]
         progress("compiling decode, batch 1")
-        warm_up(None, "decode batch 1", model.complete, prompt, None, dataclasses.replace(sampling, max_new_tokens=2))
+        warm_up(None, "decode batch 1", model.complete, prompt, None, sampling)
         progress(f"measuring decode of {decode_tokens} tokens through Model.stream, batch 1")
         usages = [c.usage for c in timed(model.complete, prompt, None, sampling)]
         ttft = statistics.median(u.time_to_first_token_s for u in usages)
@@ -225,7 +227,7 @@ def run_bench(
             batch_engine = Engine(model.params, model.config, cache_len, batch_size=batch, mesh=model.mesh)
             progress(f"compiling prefill and decode, batch {batch}")
             warm_up(f"prefill batch {batch}, bucket {bucket_length(prompt_len, cache_len)}", f"decode batch {batch}",
-                    _engine_decode_rate, batch_engine, prompt, sampling, 2)
+                    _engine_decode_rate, batch_engine, prompt, sampling, decode_tokens)
             progress(f"measuring decode of {decode_tokens} tokens, batch {batch}")
             decode.append(Decode(batch, "Engine", statistics.median(
                 timed(_engine_decode_rate, batch_engine, prompt, sampling, decode_tokens))))
@@ -294,7 +296,8 @@ def _run_hf(model: Model, prompts: dict[int, list[int]], prompt_len: int, decode
         import torch
         import transformers
     except ImportError as err:
-        raise Qwen3MoeError(f"--compare hf needs torch and transformers ({err}); pip install -e '.[test]'") from None
+        raise Qwen3MoeError(f"--compare hf needs torch and transformers ({err}): pip install 'qwen3moe-jax[hf]' "
+                            "(or -e '.[hf]' in a checkout)") from None
     from qwen3moe_jax.parity import transformers_model
 
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"

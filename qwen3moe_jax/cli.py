@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen3moe_jax import bench
+from qwen3moe_jax import bench, compile_cache
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset, preset_names
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
@@ -38,6 +38,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                        help="processes in the job [JAX_NUM_PROCESSES]")
     multi.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
                        help="this process, 0 .. N-1 [JAX_PROCESS_ID]")
+
+
+def add_compile_cache_args(p: argparse.ArgumentParser, on_by_default: bool = True) -> None:
+    where = (f"default: ${compile_cache.ENV_VAR}, else {compile_cache.default_dir()}" if on_by_default
+             else "default: off, so compile times are measured")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--compile-cache", metavar="DIR",
+                       help=f"JAX's persistent compilation cache folder, or 'off' ({where})")
+    group.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=compile_cache.OFF,
+                       help="compile everything afresh, reading and writing no cache")
+    p.set_defaults(compile_cache_on_by_default=on_by_default)
 
 
 def _env_int(name: str) -> int | None:
@@ -88,6 +99,11 @@ def build_model(args: argparse.Namespace) -> Model:
     from qwen3moe_jax.sharding import make_mesh, parse_mesh
 
     init_distributed(args)
+    # Before anything compiles: JAX sets its persistent cache up once per process.
+    # Commands without the options (scripts/determinism.py) leave it off.
+    option = getattr(args, "compile_cache", None)
+    if option or getattr(args, "compile_cache_on_by_default", False):
+        compile_cache.enable(compile_cache.resolve(option))
     mesh = make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
     start = time.perf_counter()
     if args.layers is not None and not args.preset:
@@ -196,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="stream a completion of a prompt")
     add_model_args(gen)
+    add_compile_cache_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message via the chat template")
     gen.add_argument("--no-think", action="store_true", help="with --chat: Qwen3's enable_thinking=False")
@@ -204,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, SSE)")
     add_model_args(srv)
+    add_compile_cache_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", help="the model id clients ask for (default: file or preset name)")
@@ -214,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "
                                        "(random weights at any shape with --preset)")
     add_model_args(bch)
+    add_compile_cache_args(bch, on_by_default=False)
     bch.add_argument("--prompt-lengths", type=_int_list, default=",".join(map(str, bench.DEFAULT_PROMPT_LENGTHS)),
                      help="prefill lengths to time, comma-separated; those that do not fit the KV cache are skipped "
                           "(default: %(default)s)")

@@ -20,7 +20,7 @@ import numpy as np
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.errors import CheckpointError
+from qwen3moe_jax.errors import CheckpointError, Qwen3MoeError
 from qwen3moe_jax.io.gguf_file import GGUFTensors, is_gguf_file, read_gguf_config
 from qwen3moe_jax.io.hf import hf_tensors, is_hf_dir, read_hf_config, read_hf_tokenizer
 from qwen3moe_jax.model import named_leaves
@@ -36,6 +36,16 @@ DEFAULT_PROMPTS = (
     "<|im_start|>user\nWrite a haiku about experts.<|im_end|>\n<|im_start|>assistant\n",
     "The capital of France is",
 )
+
+
+def require_transformers() -> None:
+    """Raise a clear error when torch or transformers (the `hf` extra) is missing."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise Qwen3MoeError(f"transformers as a reference needs torch and transformers ({err}): "
+                            "pip install 'qwen3moe-jax[hf]' (or -e '.[hf]' in a checkout)") from None
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -63,6 +73,7 @@ def transformers_model(model: qj.Model, device: str = "cpu"):
     """A transformers Qwen3MoeForCausalLM (eval mode) holding `model`'s weights in its dtype, built in memory:
     each param is mapped to its published HF names (io.hf.hf_tensors) and transformers fuses the experts into
     its own layout as it does when loading a checkpoint. Built on the CPU, then moved to `device`."""
+    require_transformers()
     import torch
     import transformers
 
@@ -234,6 +245,7 @@ def _ours_baseline(path, prompts, new_tokens, dtype, progress):
 
 
 def _transformers_baseline(path, prompts, new_tokens, dtype, progress):
+    require_transformers()
     import torch
     import transformers
 

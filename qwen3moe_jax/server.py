@@ -410,18 +410,30 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
     import uvicorn
 
     from qwen3moe_jax import multihost
-    from qwen3moe_jax.engine import bucket_length
+    from qwen3moe_jax.compile_cache import CacheLookups
+    from qwen3moe_jax.engine import attention_window, bucket_length
 
     leader = jax.process_index() == 0
     start = time.perf_counter()
     limit = min(warmup_tokens, model.max_seq_len - 1)
-    length = 1
-    while length <= limit:  # one prompt per prefill bucket, 16, 32, ... up to the one holding `limit`
-        bucket = bucket_length(length, model.max_seq_len)
+    buckets = [bucket_length(1, model.max_seq_len)]  # one prompt per prefill bucket, 16, 32, ... holding `limit`
+    while buckets[-1] < limit:
+        buckets.append(bucket_length(buckets[-1] + 1, model.max_seq_len))
+    windows = [attention_window(1, model.max_seq_len)]
+    while windows[-1] < model.max_seq_len:
+        windows.append(attention_window(windows[-1] + 1, model.max_seq_len))
+    for i, bucket in enumerate(buckets):
+        # The first warm-up also compiles decode for every attention window a request can reach.
+        what = f"prefill bucket {bucket}" + (f" and decode, windows {', '.join(map(str, windows))}" if i == 0 else "")
         if leader:
-            print(f"[compiling prefill for prompts of up to {bucket} tokens]", file=sys.stderr, flush=True)
-        model.engine.warmup(min(bucket, model.max_seq_len - 1))
-        length = bucket + 1
+            print(f"[compile {i + 1}/{len(buckets)}] {what} ...", end="", file=sys.stderr, flush=True)
+        step_start = time.perf_counter()
+        with CacheLookups() as lookups:
+            model.engine.warmup(min(bucket, model.max_seq_len - 1))
+        if leader:
+            cached = f", {lookups.hits} of {lookups.hits + lookups.misses} programs from the compile cache" \
+                if lookups.hits else ""
+            print(f" {time.perf_counter() - step_start:.1f}s{cached}", file=sys.stderr, flush=True)
     if not leader:
         multihost.follow(model.engine)
         return

@@ -12,8 +12,12 @@ import argparse
 import statistics
 import time
 
-import httpx
-import openai
+try:
+    import httpx
+    import openai
+except ImportError as err:  # not in the base install
+    raise SystemExit(f"{err}: this script needs the HTTP clients, pip install 'qwen3moe-jax[client]' "
+                     "(or -e '.[client]' in a checkout)") from None
 
 
 def measure(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float]]:

@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# The CLI's persistent compilation cache stays out of the user's home: off, unless a test points it at a tmp dir.
+os.environ.setdefault("QWEN3MOE_JAX_COMPILE_CACHE", "off")
+
 import pytest  # noqa: E402
 
 from tests.hf_reference import save_hf_model  # noqa: E402

@@ -1,12 +1,12 @@
 """Checkpoint readers. Each format supplies, per param name, a function building that tensor in numpy;
 `materialize` walks the param specs, builds each tensor (quantizing it for int8) and puts it on the device
-before the next."""
+before the next. Each reader counts the bytes it has read from its files (`FileReader`), which is what the
+loading bar shows."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -21,9 +21,18 @@ from qwen3moe_jax.sharding import place
 TensorSource = Callable[[Any], np.ndarray]  # numpy dtype -> array in our layout
 
 
+class FileReader(Protocol):
+    """What the loading bar needs of a checkpoint reader: the bytes of tensor data its files hold, and how many
+    of them it has read so far (as stored: a Q8_0 file's bytes, not the float32 they dequantize to)."""
+
+    total_bytes: int
+    bytes_read: int
+
+
 def materialize(
     config: ModelConfig,
     source_for: Callable[[str], TensorSource],
+    reader: FileReader,
     dtype: Any,
     progress: bool = True,
     desc: str = "loading",
@@ -37,9 +46,8 @@ def materialize(
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
     np_dtype = np.dtype(dtype)
     read_dtype = np.dtype(np.float32) if np_dtype == np.int8 else np_dtype
-    total = sum(math.prod(spec.shape) for _, spec in flat) * np_dtype.itemsize
     leaves = []
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+    with tqdm(total=reader.total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
         for path, spec in flat:
             name = param_name(path)
             try:
@@ -54,5 +62,5 @@ def materialize(
                 )
             leaves.append(place(host_param(name, spec.axes, array, np_dtype), spec.axes, mesh))
             del array
-            bar.update(math.prod(spec.shape) * np_dtype.itemsize)
+            bar.update(reader.bytes_read - bar.n)
     return jax.tree_util.tree_unflatten(treedef, leaves)

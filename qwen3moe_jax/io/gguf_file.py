@@ -95,6 +95,10 @@ class GGUFTensors:
             raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {err}") from err
         self.path = path
         self.tensors = {t.name: t for t in self.reader.tensors}
+        # The loading bar's figures (io.FileReader): bytes as stored, each tensor counted once.
+        self.total_bytes = sum(int(t.n_bytes) for t in self.reader.tensors)
+        self.bytes_read = 0
+        self._counted: set[str] = set()
 
     def field(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
@@ -113,6 +117,9 @@ class GGUFTensors:
                 f"tensor {gguf_tensor!r} in {self.path} has type {tensor.tensor_type.name}, which this loader "
                 f"does not read; supported: {', '.join(sorted(t.name for t in READABLE_TYPES))}"
             )
+        if gguf_tensor not in self._counted:
+            self._counted.add(gguf_tensor)
+            self.bytes_read += int(tensor.n_bytes)
         return QuantizedTensor(gguf_tensor, tensor.tensor_type, tensor.data)
 
 

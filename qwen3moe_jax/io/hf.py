@@ -56,6 +56,11 @@ class SafetensorsReader:
             weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
         self._where = weight_map
         self.directory = directory
+        # The loading bar's figures (io.FileReader): the files' tensor data, and the bytes of the tensors read
+        # so far as stored, each counted once.
+        self.total_bytes = sum(_data_bytes(directory / name) for name in files)
+        self.bytes_read = 0
+        self._counted: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -63,7 +68,18 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
-        return self._handles[self._where[name]].get_tensor(name)
+        array = self._handles[self._where[name]].get_tensor(name)
+        if name not in self._counted:
+            self._counted.add(name)
+            self.bytes_read += array.nbytes
+        return array
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: all but its 8-byte header length and the JSON header."""
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header_len
 
 
 def hf_tensor_source(name: str, config: ModelConfig, reader: SafetensorsReader) -> Callable[[Any], np.ndarray]:
