@@ -147,8 +147,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     events = model.stream(prompt, sampling=sampling)  # checks the request before compiling anything
     _status(f"compiling prefill for {len(prompt)} prompt tokens and decode")
     start = time.perf_counter()
-    model.engine.warmup(len(prompt), sampling.max_new_tokens)
-    _status(f"compiled in {time.perf_counter() - start:.1f}s")
+    with compile_cache.CacheLookups() as lookups:
+        model.engine.warmup(len(prompt), sampling.max_new_tokens)
+    _status(f"compiled in {time.perf_counter() - start:.1f}s{lookups.summary()}")
 
     # Under multi-host every process runs the loop (each step is one collective program); process 0 prints.
     out = sys.stdout if is_leader() else open(os.devnull, "w")

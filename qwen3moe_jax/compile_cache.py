@@ -62,6 +62,10 @@ class CacheLookups:
     def __exit__(self, *exc: object) -> None:
         jax.monitoring.unregister_event_listener(self._record)
 
+    def summary(self) -> str:
+        """', N of M programs from the compile cache' when any came from it, else ''."""
+        return f", {self.hits} of {self.hits + self.misses} programs from the compile cache" if self.hits else ""
+
     def _record(self, event: str, **kwargs: Any) -> None:
         if event == HIT_EVENT:
             self.hits += 1

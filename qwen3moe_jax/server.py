@@ -431,9 +431,7 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
         with CacheLookups() as lookups:
             model.engine.warmup(min(bucket, model.max_seq_len - 1))
         if leader:
-            cached = f", {lookups.hits} of {lookups.hits + lookups.misses} programs from the compile cache" \
-                if lookups.hits else ""
-            print(f" {time.perf_counter() - step_start:.1f}s{cached}", file=sys.stderr, flush=True)
+            print(f" {time.perf_counter() - step_start:.1f}s{lookups.summary()}", file=sys.stderr, flush=True)
     if not leader:
         multihost.follow(model.engine)
         return
