@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", help="the model id clients ask for (default: file or preset name)")
     srv.add_argument("--warmup-tokens", type=int, default=256,
-                     help="compile prefill for prompts up to this length before serving")
+                     help="compile prefill for prompts up to this length before serving (one program per power of "
+                          "two from 16); lower starts sooner, and a longer prompt compiles its bucket on first use "
+                          "(default: %(default)s)")
     srv.set_defaults(func=cmd_serve)
 
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "
