@@ -18,8 +18,8 @@ import jax
 
 ENV_VAR = "QWEN3MOE_JAX_COMPILE_CACHE"
 OFF = "off"
-# jax.monitoring events of the persistent cache (jax/_src/compiler.py): one per compilation that looked the
-# program up in it and found it / did not.
+# jax.monitoring events of the persistent cache (jax/_src/compiler.py, jax 0.10): a program read from it, and
+# a program compiled afresh and written to it.
 HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
@@ -49,7 +49,8 @@ def enable(directory: Path | None) -> None:
 
 
 class CacheLookups:
-    """Counts the persistent-cache hits and misses JAX reports while it is entered (a jax.monitoring listener)."""
+    """Counts the programs JAX reads from the persistent cache (hits) and compiles and writes to it (misses)
+    while it is entered (a jax.monitoring listener)."""
 
     def __init__(self) -> None:
         self.hits = 0
