@@ -81,6 +81,9 @@ def server():
     process = subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
                                 "--warmup-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    startup = []  # what it prints up to "[compiled in ...; serving ...]" (EOF if it dies first)
+    while (line := process.stdout.readline()) and not line.startswith("[compiled in"):
+        startup.append(line)
     deadline = time.time() + 300
     while True:
         with contextlib.suppress(httpx.TransportError):
@@ -90,7 +93,7 @@ def server():
             process.kill()
             pytest.fail(f"the server did not start:\n{process.stdout.read()}")
         time.sleep(0.5)
-    yield port
+    yield port, startup
     process.terminate()
     process.wait(timeout=30)
 
@@ -102,7 +105,7 @@ def _on(port: int, text: str) -> str:
 
 @pytest.mark.parametrize("script", blocks("bash server"), ids=lambda script: script.split()[0])
 def test_shell_block_against_the_server(script, server):
-    done = subprocess.run(["bash", "-e", "-c", _on(server, script)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run(["bash", "-e", "-c", _on(server[0], script)], capture_output=True, text=True, timeout=120,
                           env=os.environ)
     assert done.returncode == 0, done.stderr
     assert '"error"' not in done.stdout, done.stdout  # e.g. a model name the server does not serve
@@ -111,5 +114,10 @@ def test_shell_block_against_the_server(script, server):
 
 @pytest.mark.parametrize("code", blocks("python server"), ids=lambda code: code.splitlines()[0][:40])
 def test_python_block_against_the_server(code, server, capsys):
-    exec(compile(_on(server, code), "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(_on(server[0], code), "README.md", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip()
+
+
+def test_the_server_says_what_it_compiles(server):
+    # --warmup-tokens 16: one prefill bucket, compiled with decode for the bundled model's one window (256).
+    assert re.fullmatch(r"\[compile 1/1\] prefill bucket 16 and decode, windows 256 \.\.\. \d+\.\ds\n", server[1][-1])
