@@ -278,14 +278,15 @@ def check_gguf_layout(path: Path) -> None:
             tensors.append((name, offset, int(np.prod(dims, dtype=object)) // block * block_bytes, qtype))
 
         data_start = -c.pos % alignment + c.pos
-        end = 0
+        end, before = 0, None
         for name, offset, nbytes, qtype in tensors:
             if offset != -end % alignment + end:
-                raise CheckpointError(
-                    f"{path}: tensor {name} starts at data offset {offset}, but the tensors before it end at {end}: "
-                    f"its type ({qtype.name}) or shape does not match the bytes it was written with, or the file is "
-                    "corrupt")
-            end = offset + nbytes
+                culprit = f"{name} ({qtype.name}) starts at data offset {offset}" if before is None else (
+                    f"{before[0]} ({before[3].name}) needs {before[2]} bytes by its type and shape, but the next "
+                    f"tensor, {name}, starts {offset - before[1]} bytes after it")
+                raise CheckpointError(f"{path}: tensor {culprit}: a tensor's type or shape does not match the "
+                                      "bytes it was written with, or the file is corrupt")
+            end, before = offset + nbytes, (name, offset, nbytes, qtype)
         if data_start + end > size:
             raise CheckpointError(f"{path} is {size} bytes long, but its tensors need {data_start + end} "
                                   "(truncated, or a tensor's type or shape is wrong)")

@@ -221,13 +221,9 @@ def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
     `chat_template`) and the bos/eos token strings; None when the directory has no tokenizer.json."""
     if not (directory / "tokenizer.json").is_file():
         return None
-    config_file = directory / "tokenizer_config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        template_file = directory / "chat_template.jinja"
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read the tokenizer settings in {directory}: {err}") from None
+    config_file, template_file = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    config = _read(config_file, json.loads) if config_file.is_file() else {}
+    template = _read(template_file, str) if template_file.is_file() else None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file} must hold a JSON object")
     if template is None:
@@ -247,6 +243,13 @@ def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
         raise CheckpointError(f"{config_file}: chat_template must be a string, got {type(template).__name__}")
     return Tokenizer.from_file(directory / "tokenizer.json", chat_template=template,
                                bos_token=token("bos_token"), eos_token=token("eos_token"))
+
+
+def _read(path: Path, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
 def write_hf(directory: str | Path, config: ModelConfig, named_arrays: dict[str, np.ndarray],
