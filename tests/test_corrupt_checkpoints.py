@@ -292,14 +292,20 @@ def test_broken_tokenizer_files(hf_dir, file, content):
 
 
 # Property-based: random damage to a small GGUF file either leaves it loadable or raises a package error.
-def _mutations(size: int, fields: list[tuple[int, int]]):
+# Integers a corrupt field most often holds: small ones, zero, and the edges of the integer widths.
+EDGE_INTEGERS = st.one_of(st.integers(0, 9), st.sampled_from([2**31 - 1, 2**31, 2**32 - 1, 2**38, 2**63, 2**64 - 1]),
+                          st.integers(0, 2**64 - 1))
+
+
+def _mutations(size: int, spans: list[tuple[int, int]], config_spans: list[tuple[int, int]]):
     cut = st.builds(lambda n: ("cut", n, 0), st.integers(0, size - 1))
     flip = st.builds(lambda at, bit: ("flip", at, bit), st.integers(0, size - 1), st.integers(0, 7))
-    # Flips aimed at the header and metadata, where a flip changes structure rather than a weight.
-    header = st.builds(lambda at, bit: ("flip", at, bit), st.integers(0, fields[-1][1] - 1), st.integers(0, 7))
-    # A metadata value or count replaced whole by an arbitrary 32- or 64-bit integer.
-    value = st.builds(lambda f, v: ("value", f, v), st.sampled_from(fields), st.integers(0, 2**64 - 1))
-    return st.lists(st.one_of(cut, flip, header, value), min_size=1, max_size=4)
+    # Flips aimed at the header, metadata and tensor table, where a flip changes structure, not a weight.
+    header = st.builds(lambda at, bit: ("flip", at, bit), st.integers(0, spans[-1][1] - 1), st.integers(0, 7))
+    # A length, count, type tag, shape, offset or value replaced whole; the model's shape keys most often.
+    value = st.builds(lambda f, v: ("value", f, v), st.sampled_from(spans), EDGE_INTEGERS)
+    config = st.builds(lambda f, v: ("value", f, v), st.sampled_from(config_spans), EDGE_INTEGERS)
+    return st.lists(st.one_of(cut, flip, header, value, config, config), min_size=1, max_size=3)
 
 
 def _apply(data: bytearray, mutation) -> bytearray:
@@ -318,17 +324,19 @@ def _apply(data: bytearray, mutation) -> bytearray:
 
 @pytest.fixture(scope="module")
 def value_spans(good_gguf):
-    """(start, end) byte spans of the metadata values and counts, and of the tensor table's entries."""
+    """(start, end) byte spans of every metadata length, count, type tag and value and of every tensor table
+    entry; and those of the qwen3moe.* values (the model's shape)."""
     reader = GGUFReader(good_gguf)
     base = reader.data.ctypes.data
-    spans = []
-    for field in list(reader.fields.values()) + [t.field for t in reader.tensors]:
-        for part in field.parts:
-            if 0 < part.nbytes <= 8:
-                start = part.ctypes.data - base
-                spans.append((start, start + part.nbytes))
+
+    def spans(fields) -> list[tuple[int, int]]:
+        starts = [(p.ctypes.data - base, p.nbytes) for f in fields for p in f.parts if 0 < p.nbytes <= 8]
+        return sorted((start, start + n) for start, n in starts)
+
+    every = spans(list(reader.fields.values()) + [t.field for t in reader.tensors])
+    shape = spans(f for name, f in reader.fields.items() if name.startswith("qwen3moe."))
     del reader
-    return sorted(spans)
+    return every, shape
 
 
 def test_random_damage_loads_or_raises_a_package_error(good_gguf, value_spans, tmp_path_factory):
@@ -336,9 +344,9 @@ def test_random_damage_loads_or_raises_a_package_error(good_gguf, value_spans, t
     directory = tmp_path_factory.mktemp("fuzz")
     outcomes = {"loaded": 0, "refused": 0}
 
-    @settings(max_examples=120, deadline=5000, derandomize=True, database=None,
+    @settings(max_examples=150, deadline=5000, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(_mutations(len(original), value_spans))
+    @given(_mutations(len(original), *value_spans))
     def check(mutations):
         data = bytearray(original)
         for mutation in mutations:

@@ -8,6 +8,7 @@ GGUF numpy shapes are ggml's `ne` reversed, which makes every linear weight [out
 
 from __future__ import annotations
 
+import math
 import mmap
 import numbers
 import re
@@ -15,10 +16,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError, ConfigError
@@ -30,17 +31,17 @@ ARCH = "qwen3moe"
 Q = GGMLQuantizationType
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 WRITABLE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}
-# Limits of what this loader reads, far above any qwen3moe file (151,936 tokens, 3 + 14 tensors a layer).
-# The gguf reader builds Python objects for every array element before it checks them against the file, so a
-# corrupt count is refused here first; no file this package runs comes near these.
+# Limits of what this loader reads, far above any qwen3moe file (151,936 tokens, 3 + 14 tensors a layer), so
+# that even a consistent but hostile file costs bounded time and memory.
 MAX_ARRAY_ELEMENTS = 1 << 20
 MAX_METADATA_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
 GGML_MAX_DIMS = 4
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
-    GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+_SCALARS = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.BOOL: "?", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
 }
 # Our config fields -> the metadata keys they are read from, to name the key when a value is refused.
 CONFIG_KEYS = {
@@ -130,29 +131,46 @@ class QuantizedTensor:
         return quants.dequantize(self.blocks, self.qtype)
 
 
+class GGUFTensor(NamedTuple):
+    """One entry of a GGUF file's tensor table; `shape` is ggml's `ne` (innermost first), `data` the
+    memory-mapped bytes in GGUF's numpy layout (for block types, uint8 rows of blocks along the last axis)."""
+
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: np.ndarray
+    n_elements: int
+    data: np.ndarray
+
+
 class GGUFTensors:
-    """The tensors of a memory-mapped GGUF file, read raw or dequantized on request. Opening it checks its
-    layout (check_gguf_layout) before the gguf reader parses it."""
+    """The metadata and tensors of a memory-mapped GGUF file, tensors read raw or dequantized on request.
+
+    The file is parsed here, not by gguf.GGUFReader: that reader builds numpy objects for every element of
+    every metadata array before checking counts against the file (17 s and 500 MB for Qwen's 152k-token
+    vocabulary on our CI machine; minutes and gigabytes for a corrupt count). This parse checks every count and
+    length against the bytes left before using it, reads arrays whole with numpy, and refuses a file whose
+    tensors do not lie back to back with exactly the bytes their types and shapes need (as llama.cpp
+    requires), which catches a tensor relabelled to another type. The gguf package still supplies the format's
+    constants, the block codecs and the writer."""
 
     def __init__(self, path: Path):
-        check_gguf_layout(path)
-        try:
-            self.reader = GGUFReader(path, "r")
-        except Exception as err:  # what the layout check leaves to the reader (e.g. a key that is not UTF-8)
-            raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {err}") from err
         self.path = path
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.fields, table, data_start = _parse(path)
+        data = np.memmap(path, mode="r")
+        self.tensors = {}
+        for name, dims, qtype, offset, nbytes in table:
+            np_shape = tuple(reversed(dims))
+            itemtype = _ITEM_TYPES.get(qtype)
+            if itemtype is None:  # block types: bytes, rows of blocks
+                itemtype, np_shape = np.uint8, quants.quant_shape_to_byte_shape(np_shape, qtype)
+            start = data_start + offset
+            array = data[start:start + nbytes].view(itemtype).reshape(np_shape)
+            self.tensors[name] = GGUFTensor(name, qtype, np.array(dims, np.uint64), math.prod(dims), array)
 
     def field(self, key: str, default: Any = None, kind: str | None = None) -> Any:
         """A metadata value (default when absent); with `kind` (a key of _KINDS), refused unless of that kind."""
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            value = field.contents()
-        except (UnicodeDecodeError, ValueError) as err:
-            raise CheckpointError(f"{self.path}: metadata {key} cannot be read: {err}") from None
-        if kind is not None and not _KINDS[kind](value):
+        value = self.fields.get(key, default)
+        if key in self.fields and kind is not None and not _KINDS[kind](value):
             shown = repr(value) if not isinstance(value, list) else f"a list of {len(value)} values"
             raise CheckpointError(f"{self.path}: metadata {key} must be {kind}, got {shown[:80]}")
         return value
@@ -173,6 +191,10 @@ class GGUFTensors:
         return QuantizedTensor(gguf_tensor, tensor.tensor_type, tensor.data)
 
 
+_ITEM_TYPES = {Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64, Q.I8: np.int8, Q.I16: np.int16,
+               Q.I32: np.int32, Q.I64: np.int64}
+
+
 class _Cursor:
     """Reads a GGUF header front to back, every length checked against the bytes left before it is used."""
 
@@ -190,24 +212,42 @@ class _Cursor:
     def unpack(self, fmt: str, what: str) -> Any:
         return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self, what: str) -> bytes:
+    def text(self, what: str) -> str:
         size = self.unpack("<Q", f"the length of {what}")
         start = self.take(size, what)
-        return self.data[start:start + size]
-
-    def text(self, what: str) -> str:
         try:
-            return self.string(what).decode()
+            return self.data[start:start + size].decode()
         except UnicodeDecodeError as err:
             raise CheckpointError(f"{self.path}: {what} is not UTF-8 text ({err})") from None
 
+    def value(self, kind: int, key: str) -> Any:
+        if kind == GGUFValueType.STRING:
+            return self.text(f"metadata {key}")
+        if kind == GGUFValueType.ARRAY:
+            kind, count = self.unpack("<I", f"the element type of {key}"), self.unpack("<Q", f"the length of {key}")
+            if count > MAX_ARRAY_ELEMENTS:
+                raise CheckpointError(f"{self.path}: metadata {key} claims {count} elements; this loader reads at "
+                                      f"most {MAX_ARRAY_ELEMENTS}")
+            if kind == GGUFValueType.STRING:
+                if count * 8 > len(self.data) - self.pos:  # each string has an 8-byte length at least
+                    self.take(count * 8, f"the {count} strings of metadata {key}")
+                return [self.text(f"metadata {key}[{i}]") for i in range(count)]
+            if kind in _SCALARS:
+                dtype = np.dtype(_SCALARS[GGUFValueType(kind)])
+                start = self.take(dtype.itemsize * count, f"metadata {key}")
+                return np.frombuffer(self.data, dtype, count, start).tolist()
+        elif kind in _SCALARS:
+            dtype = np.dtype(_SCALARS[GGUFValueType(kind)])
+            return np.frombuffer(self.data, dtype, 1, self.take(dtype.itemsize, f"metadata {key}")).tolist()[0]
+        nested = " (arrays of arrays are not read)" if kind == GGUFValueType.ARRAY else ""
+        raise CheckpointError(f"{self.path}: metadata {key} has an unknown value type {kind}{nested}")
 
-def check_gguf_layout(path: Path) -> None:
-    """Walk the header, metadata and tensor table of a GGUF file without reading any value, and refuse it
-    unless every count and length fits in the bytes that follow, within this loader's limits, and the tensors'
-    data lie back to back (as llama.cpp requires) with exactly the bytes their types and shapes need. So a
-    retyped tensor (Q8_0 relabelled Q4_0) or an absurd count is refused here, in a pass over the header,
-    before the gguf reader allocates anything for it."""
+
+def _parse(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]], int]:
+    """The metadata, the tensor table (name, ggml dims, type, offset in the data section, bytes) and where the
+    data section starts; see GGUFTensors for what is checked."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file")
     size = path.stat().st_size
     if size < 24:
         raise CheckpointError(f"{path} is {size} bytes long, too short for a GGUF header")
@@ -224,46 +264,25 @@ def check_gguf_layout(path: Path) -> None:
         if n_tensors > MAX_TENSORS or n_keys > MAX_METADATA_KEYS:
             raise CheckpointError(f"{path} claims {n_tensors} tensors and {n_keys} metadata keys; this loader reads "
                                   f"at most {MAX_TENSORS} and {MAX_METADATA_KEYS}")
-        alignment = 32
-        keys: set[str] = set()
+        fields: dict[str, Any] = {}
         for i in range(n_keys):
             key = c.text(f"metadata key #{i}")
-            if key in keys:
+            if key in fields:
                 raise CheckpointError(f"{path}: metadata {key} appears twice")
-            keys.add(key)
-            kind = c.unpack("<I", f"the type of metadata {key}")
-            if kind == GGUFValueType.ARRAY:
-                kind, count = c.unpack("<I", f"the element type of {key}"), c.unpack("<Q", f"the length of {key}")
-                if count > MAX_ARRAY_ELEMENTS:
-                    raise CheckpointError(f"{path}: metadata {key} claims {count} elements; this loader reads at "
-                                          f"most {MAX_ARRAY_ELEMENTS}")
-            else:
-                count = None
-            if kind == GGUFValueType.STRING:
-                if count is not None and count * 8 > len(data) - c.pos:  # each string has an 8-byte length
-                    c.take(count * 8, f"the {count} strings of metadata {key}")
-                for j in range(1 if count is None else count):
-                    c.string(f"metadata {key}" + ("" if count is None else f"[{j}]"))
-            elif kind in _SCALAR_SIZES:
-                start = c.take(_SCALAR_SIZES[GGUFValueType(kind)] * (1 if count is None else count), f"metadata {key}")
-                if key == "general.alignment":
-                    alignment = struct.unpack_from("<I", data, start)[0] if kind == GGUFValueType.UINT32 else 0
-                    if count is not None or alignment <= 0 or alignment & (alignment - 1):
-                        raise CheckpointError(f"{path}: general.alignment must be a power of two (uint32)")
-            else:
-                nested = " (arrays of arrays are not read)" if kind == GGUFValueType.ARRAY else ""
-                raise CheckpointError(f"{path}: metadata {key} has an unknown value type {kind}{nested}")
+            fields[key] = c.value(c.unpack("<I", f"the type of metadata {key}"), key)
+        alignment = fields.get("general.alignment", 32)
+        if not _integer(alignment) or alignment <= 0 or alignment & (alignment - 1):
+            raise CheckpointError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
 
-        tensors = []  # (name, offset in the data section, bytes its type and shape need)
-        names: set[str] = set()
+        table, names = [], set()
         for i in range(n_tensors):
             name = c.text(f"the name of tensor #{i}")
             if name in names:
                 raise CheckpointError(f"{path}: tensor {name} appears twice")
             names.add(name)
             n_dims = c.unpack("<I", f"the dimension count of tensor {name}")
-            if n_dims > GGML_MAX_DIMS:
-                raise CheckpointError(f"{path}: tensor {name} claims {n_dims} dimensions (at most {GGML_MAX_DIMS})")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise CheckpointError(f"{path}: tensor {name} claims {n_dims} dimensions (1 to {GGML_MAX_DIMS})")
             dims = struct.unpack_from(f"<{n_dims}Q", data, c.take(8 * n_dims, f"the shape of tensor {name}"))
             raw_type = c.unpack("<I", f"the type of tensor {name}")
             offset = c.unpack("<Q", f"the data offset of tensor {name}")
@@ -272,28 +291,30 @@ def check_gguf_layout(path: Path) -> None:
                 block, block_bytes = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
                 raise CheckpointError(f"{path}: tensor {name} has unknown type {raw_type}") from None
-            if dims and dims[0] % block:
+            if dims[0] % block:
                 raise CheckpointError(f"{path}: tensor {name} has rows of {dims[0]} values, not a whole number of "
                                       f"{qtype.name} blocks of {block}")
-            tensors.append((name, offset, int(np.prod(dims, dtype=object)) // block * block_bytes, qtype))
-
+            table.append((name, dims, qtype, offset, math.prod(dims) // block * block_bytes))
         data_start = -c.pos % alignment + c.pos
-        end, before = 0, None
-        for name, offset, nbytes, qtype in tensors:
-            if offset != -end % alignment + end:
-                culprit = f"{name} ({qtype.name}) starts at data offset {offset}" if before is None else (
-                    f"{before[0]} ({before[3].name}) needs {before[2]} bytes by its type and shape, but the next "
-                    f"tensor, {name}, starts {offset - before[1]} bytes after it")
-                raise CheckpointError(f"{path}: tensor {culprit}: a tensor's type or shape does not match the "
-                                      "bytes it was written with, or the file is corrupt")
-            end, before = offset + nbytes, (name, offset, nbytes, qtype)
-        if data_start + end > size:
-            raise CheckpointError(f"{path} is {size} bytes long, but its tensors need {data_start + end} "
-                                  "(truncated, or a tensor's type or shape is wrong)")
-        if tensors and size - data_start - end >= alignment:
-            raise CheckpointError(
-                f"{path} has {size - data_start - end} bytes after its last tensor {tensors[-1][0]}: that tensor's "
-                f"type ({tensors[-1][3].name}) or shape does not match the bytes it was written with")
+
+    end, before = 0, None
+    for entry in table:
+        name, _, qtype, offset, nbytes = entry
+        if offset != -end % alignment + end:
+            culprit = f"{name} ({qtype.name}) starts at data offset {offset}" if before is None else (
+                f"{before[0]} ({before[2].name}) needs {before[4]} bytes by its type and shape, but the next "
+                f"tensor, {name}, starts {offset - before[3]} bytes after it")
+            raise CheckpointError(f"{path}: tensor {culprit}: a tensor's type or shape does not match the bytes "
+                                  "it was written with, or the file is corrupt")
+        end, before = offset + nbytes, entry
+    if data_start + end > size:
+        raise CheckpointError(f"{path} is {size} bytes long, but its tensors need {data_start + end} "
+                              "(truncated, or a tensor's type or shape is wrong)")
+    if table and size - data_start - end >= alignment:
+        raise CheckpointError(f"{path} has {size - data_start - end} bytes after its last tensor {table[-1][0]}: "
+                              f"that tensor's type ({table[-1][2].name}) or shape does not match the bytes it was "
+                              "written with")
+    return fields, table, data_start
 
 
 def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
