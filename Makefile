@@ -10,15 +10,14 @@ BIN := $(VENV)/bin
 # tunes for the building CPU (-march=native: AVX-512, AMX...), and the result dies with SIGILL on a machine
 # without them; pip's wheel cache, keyed by version only, would then hand that build to later installs. So it
 # is built once with portable x86-64 flags (AVX2/FMA/F16C, nothing newer), without pip's cache, into a folder
-# named by the version, the Python, the machine and the flags, and installed from there: a later run reuses
-# only a wheel built exactly so. WHEELS moves that folder.
+# named by the version, the machine and the flags (the wheel calls llama.cpp through ctypes, so it fits any
+# Python 3), and installed from there: a later run reuses only a wheel built exactly so. WHEELS moves it.
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml | head -1)
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qwen3moe-jax/wheels
-LLAMA_CPP_WHEELS := $(WHEELS)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell $(PYTHON) -c \
-	'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')-$(shell uname -m)-$(shell \
+LLAMA_CPP_WHEELS := $(WHEELS)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell uname -m)-$(shell \
 	echo '$(LLAMA_CPP_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 ifeq ($(LLAMA_CPP_VERSION),)
 $(error pyproject.toml pins no llama-cpp-python==VERSION for the Makefile to build)
