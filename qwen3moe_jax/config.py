@@ -139,7 +139,7 @@ class ModelConfig:
                 hidden_size=hidden,
                 num_layers=hf["num_hidden_layers"],
                 num_heads=num_heads,
-                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                num_kv_heads=num_heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],
                 head_dim=hf.get("head_dim") or derived_head_dim,
                 num_experts=hf.get("num_experts", hf.get("num_local_experts", 0)),
                 num_experts_per_tok=hf.get("num_experts_per_tok", 1),

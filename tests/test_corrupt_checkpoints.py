@@ -97,6 +97,15 @@ def test_string_length_past_the_bytes_left_is_refused(good_gguf, tmp_path):
         load_within_bounds(path)
 
 
+def test_text_that_is_not_utf8_is_named(good_gguf, tmp_path):
+    def edit(reader: GGUFReader) -> None:
+        field = reader.fields["tokenizer.ggml.tokens"]
+        field.parts[field.data[300]][0] = 0xFF  # the first byte of token 300
+    path = patched(good_gguf, tmp_path / "bad.gguf", edit)
+    with pytest.raises(qj.CheckpointError, match=r"tokenizer\.ggml\.tokens\[300\] is not UTF-8"):
+        load_within_bounds(path)
+
+
 @pytest.mark.parametrize("value, message", [
     (2**31, "layer 2"), (5_000_000, "layer 2"), (3, "layer 2"), (1, "layer 1"),
 ])
@@ -220,7 +229,8 @@ def test_broken_config_json(hf_dir, content, error, message):
 
 @pytest.mark.parametrize("field, value", [
     ("num_attention_heads", 0), ("num_hidden_layers", "2"), ("num_experts_per_tok", 9), ("rms_norm_eps", -1.0),
-    ("rope_parameters", [1]), ("eos_token_id", 10**9), ("num_key_value_heads", 3), ("hidden_size", 2.5),
+    ("rope_parameters", [1]), ("eos_token_id", 10**9), ("num_key_value_heads", 3), ("num_key_value_heads", 0),
+    ("hidden_size", 2.5), ("mlp_only_layers", 1), ("norm_topk_prob", "yes"),
 ])
 def test_config_json_values_of_the_wrong_type_or_range(hf_dir, field, value):
     config = json.loads((hf_dir / "config.json").read_text())
