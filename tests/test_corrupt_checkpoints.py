@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,17 @@ def test_array_counts_past_the_bytes_left_are_refused_before_allocating(good_ggu
     with pytest.raises(qj.CheckpointError, match=key.replace(".", r"\.")) as err:
         load_within_bounds(path)
     assert str(path) in str(err.value)
+
+
+def test_metadata_arrays_past_the_loaders_limit_are_refused(tmp_path):
+    """A consistent file whose arrays together hold more elements than the loader reads (each becomes a Python
+    object): 5 arrays of 2^20 bytes, assembled by hand."""
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 5)
+    arrays = b"".join(struct.pack("<Q", 5) + f"big.{i}".encode() + struct.pack("<IIQ", GGUFValueType.ARRAY,
+                      GGUFValueType.UINT8, 2**20) + bytes(2**20) for i in range(5))
+    (tmp_path / "big.gguf").write_bytes(header + arrays)
+    with pytest.raises(qj.CheckpointError, match=r"big\.4 claims 1048576 elements.*past the 4194304"):
+        load_within_bounds(tmp_path / "big.gguf")
 
 
 def test_string_length_past_the_bytes_left_is_refused(good_gguf, tmp_path):

@@ -31,9 +31,10 @@ ARCH = "qwen3moe"
 Q = GGMLQuantizationType
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 WRITABLE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}
-# Limits of what this loader reads, far above any qwen3moe file (151,936 tokens, 3 + 14 tensors a layer), so
-# that even a consistent but hostile file costs bounded time and memory.
-MAX_ARRAY_ELEMENTS = 1 << 20
+# Limits of what this loader reads, far above any qwen3moe file (3 arrays of about 152k tokens and merges,
+# 3 + 14 tensors a layer), so that even a consistent but hostile file costs bounded time and memory (each
+# array element read becomes a Python object: about 36 to 80 bytes).
+MAX_METADATA_ELEMENTS = 1 << 22  # over all metadata arrays together
 MAX_METADATA_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
 GGML_MAX_DIMS = 4
@@ -200,6 +201,7 @@ class _Cursor:
 
     def __init__(self, data: mmap.mmap, path: Path):
         self.data, self.path, self.pos = data, path, 0
+        self.elements = 0  # metadata array elements so far
 
     def take(self, size: int, what: str) -> int:
         """Skip `size` bytes holding `what`; the offset they start at."""
@@ -225,9 +227,10 @@ class _Cursor:
             return self.text(f"metadata {key}")
         if kind == GGUFValueType.ARRAY:
             kind, count = self.unpack("<I", f"the element type of {key}"), self.unpack("<Q", f"the length of {key}")
-            if count > MAX_ARRAY_ELEMENTS:
-                raise CheckpointError(f"{self.path}: metadata {key} claims {count} elements; this loader reads at "
-                                      f"most {MAX_ARRAY_ELEMENTS}")
+            self.elements += count
+            if self.elements > MAX_METADATA_ELEMENTS:
+                raise CheckpointError(f"{self.path}: metadata {key} claims {count} elements, which brings the "
+                                      f"metadata arrays past the {MAX_METADATA_ELEMENTS} elements this loader reads")
             if kind == GGUFValueType.STRING:
                 if count * 8 > len(self.data) - self.pos:  # each string has an 8-byte length at least
                     self.take(count * 8, f"the {count} strings of metadata {key}")
