@@ -262,6 +262,20 @@ def test_config_json_layer_count_must_match_the_tensors(hf_dir, layers, message)
         load_within_bounds(hf_dir)
 
 
+@pytest.mark.parametrize("field, value, tensor", [
+    ("moe_intermediate_size", 48, r"layers\.0\.mlp\.experts\.0\.gate_proj"),
+    ("head_dim", 16, r"layers\.0\.self_attn\.q_proj"),
+    ("vocab_size", 1024, r"embed_tokens"),
+])
+def test_config_json_shapes_must_match_the_tensor_headers(hf_dir, field, value, tensor):
+    """Checked from the safetensors headers before any weight is read."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[field] = value
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qj.CheckpointError, match=rf"{tensor}.*config\.json implies"):
+        load_within_bounds(hf_dir)
+
+
 def test_config_json_expert_count_must_match_the_tensors(hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     config["num_experts"] = 10**9

@@ -123,17 +123,14 @@ def check_hf_tensors(config: ModelConfig, reader: SafetensorsReader) -> None:
     if experts and (max(experts) >= config.num_experts or len(experts) < config.num_experts):
         raise CheckpointError(f"{reader.directory} holds experts numbered up to {max(experts)} ({len(experts)} "
                               f"in all), but config.json num_experts says {config.num_experts}")
-    c = config
+    X, E, F = config.num_experts, config.hidden_size, config.moe_intermediate_size
     for name, spec in named_leaves(param_specs(config)).items():
-        leaf = name.rsplit(".", 1)[-1]
-        fused = f"model.layers.{name.split('.')[1]}.mlp.experts.{'down_proj' if leaf == 'down' else 'gate_up_proj'}" \
-            if name.startswith("layers.") else None
-        if len(spec.shape) == 3 and leaf in ("gate", "up", "down") and fused in reader:
-            shape = {"down": (c.num_experts, c.hidden_size, c.moe_intermediate_size)}.get(
-                leaf, (c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size))
-            implied = [(fused, shape)]
+        _, layer, *rest = name.split(".") if name.startswith("layers.") else ("", "", "")  # layers.3.mlp.gate
+        fused = _fused_name(f"model.layers.{layer}", rest[-1]) if rest[0] == "mlp" and len(spec.shape) == 3 else None
+        if fused in reader:  # [X, E, F] for down_proj, [X, 2F, E] for gate_up_proj
+            implied = [(fused, (X, E, F) if rest[-1] == "down" else (X, 2 * F, E))]
         else:  # the published layout, as write_hf writes it, from a stand-in that allocates nothing
-            implied = [(n, a.shape) for n, a in hf_tensors(name, np.broadcast_to(np.float32(0), spec.shape), c)]
+            implied = [(n, a.shape) for n, a in hf_tensors(name, np.broadcast_to(np.float32(0), spec.shape), config)]
         for hf_name, shape in implied:
             if reader.shape(hf_name) != shape:
                 raise CheckpointError(f"{reader.directory}: tensor {hf_name} has shape {reader.shape(hf_name)}, but "
@@ -192,7 +189,7 @@ def hf_tensor_source(name: str, config: ModelConfig, reader: SafetensorsReader) 
 
 def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsReader) -> Callable[[Any], np.ndarray]:
     X, F, E = c.num_experts, c.moe_intermediate_size, c.hidden_size
-    fused = f"{prefix}.mlp.experts.gate_up_proj" if leaf != "down" else f"{prefix}.mlp.experts.down_proj"
+    fused = _fused_name(prefix, leaf)
     if fused in reader:
         if leaf == "down":  # [X, E, F] -> [X, F, E]
             return lambda dt: np.asarray(reader.get(fused).transpose(0, 2, 1), dtype=dt)
@@ -210,6 +207,11 @@ def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsRe
         return out
 
     return stacked
+
+
+def _fused_name(prefix: str, leaf: str) -> str:
+    """The fused tensor (transformers 5's in-memory layout) that holds expert param `leaf` of a layer."""
+    return f"{prefix}.mlp.experts.down_proj" if leaf == "down" else f"{prefix}.mlp.experts.gate_up_proj"
 
 
 def read_hf_config(directory: Path) -> ModelConfig:
