@@ -20,6 +20,7 @@ from qwen3moe_jax.generation import Completion, Event, OnToken, collect, stream_
 from qwen3moe_jax.io import materialize
 from qwen3moe_jax.io.gguf_file import (
     GGUFTensors,
+    check_gguf_tensors,
     from_gguf_layout,
     gguf_name,
     is_gguf_file,
@@ -29,6 +30,7 @@ from qwen3moe_jax.io.gguf_file import (
 )
 from qwen3moe_jax.io.hf import (
     SafetensorsReader,
+    check_hf_tensors,
     hf_tensor_source,
     is_hf_dir,
     read_hf_config,
@@ -221,14 +223,16 @@ def load(
     config = read_hf_config(path)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
+        check_hf_tensors(config, reader)
         params = materialize(config, lambda name: hf_tensor_source(name, config, reader), reader, dtype, progress,
-                             f"loading {path.name}", mesh)
+                             f"loading {path.name}", mesh, path)
     return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh)
 
 
 def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None) -> Model:
     tensors = GGUFTensors(path)
     config = read_gguf_config(tensors)
+    check_gguf_tensors(tensors, config)
     tokenizer = read_gguf_tokenizer(tensors)
     shapes = named_leaves(param_specs(config))
 
@@ -237,7 +241,7 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, 
             from_gguf_layout(name, tensors.get(gguf_name(name)), shapes[name].shape), dtype=dt
         )
 
-    params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh)
+    params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh, path)
     return Model(config, params, tokenizer, max_seq_len, mesh)
 
 

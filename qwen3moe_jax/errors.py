@@ -6,7 +6,12 @@ class Qwen3MoeError(Exception):
 
 
 class ConfigError(Qwen3MoeError, ValueError):
-    """A model configuration is malformed or describes something this package does not run."""
+    """A model configuration is malformed or describes something this package does not run. `field` names
+    the ModelConfig field at fault when there is one, so a loader can name its own key for it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class CheckpointError(Qwen3MoeError, ValueError):

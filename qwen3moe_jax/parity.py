@@ -277,7 +277,7 @@ def _llamacpp_baseline(path, prompts, new_tokens, dtype, progress):
             greedy = model.greedy(ids, new_tokens)
             records.append(BaselinePrompt(_text_or_none(prompt), ids, greedy,
                                           model.logits(ids + greedy)[len(ids) - 1: -1]))
-    return f"llama.cpp (llama-cpp-python {llamacpp.llama_cpp.__version__}) on {path.name}", records
+    return f"llama.cpp (llama-cpp-python {llamacpp.version()}) on {path.name}", records
 
 
 def check_against_baseline(model: qj.Model, baseline: Baseline) -> list[dict[str, Any]]:

@@ -62,7 +62,11 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
         """A tokenizer.json; kwargs as for the constructor."""
-        return cls(HFTokenizer.from_file(str(path)), **kwargs)
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception on a malformed file
+            raise CheckpointError(f"{path} is not a readable tokenizer.json: {err}") from None
+        return cls(backend, **kwargs)
 
     @classmethod
     def from_gguf_vocab(cls, vocab: GGUFVocab, **kwargs: Any) -> Tokenizer:

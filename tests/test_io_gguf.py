@@ -79,7 +79,7 @@ def test_errors_name_the_problem(hf_gguf_ready, tmp_path):
     qj.save_gguf(model, tmp_path / "m.gguf")
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(qj.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(qj.CheckpointError, match="truncated"):
         qj.load(tmp_path / "cut.gguf", progress=False)
 
     writer = GGUFWriter(str(tmp_path / "llama.gguf"), "llama")

@@ -128,7 +128,7 @@ def test_chatml_fallback_formats_as_llamacpp_does():
 
 def test_llamacpp_reads_our_metadata(gguf_files):
     with llamacpp.LlamaCpp(gguf_files["Q8_0"], vocab_only=True) as reference:
-        metadata = reference.llm.metadata
+        metadata = reference.metadata()
     ours = qj.load(gguf_files["Q8_0"], progress=False)
     assert metadata["tokenizer.ggml.pre"] == "qwen2"
     assert int(metadata["tokenizer.ggml.eos_token_id"]) == ours.config.eos_token_ids[0] == 2

@@ -5,7 +5,9 @@ loading bar shows."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Set
+from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -29,6 +31,20 @@ class FileReader(Protocol):
     bytes_read: int
 
 
+def check_layers(config: ModelConfig, present: Set[int], checkpoint: str | Path, count_key: str) -> None:
+    """The layers a checkpoint holds tensors for must be exactly 0..num_layers-1: a count below them would
+    drop layers silently, one above them would look for tensors that are not there. Compared against the
+    layers present, so an absurd count costs nothing."""
+    n = config.num_layers
+    if beyond := sorted(i for i in present if i >= n):
+        raise CheckpointError(f"{checkpoint} holds tensors of layer {beyond[0]}, but its {count_key} says {n} "
+                              f"layers ({len(beyond)} layers beyond it)")
+    if len(present) < n:
+        missing = next(i for i in range(n) if i not in present)  # found within len(present) + 1 steps
+        raise CheckpointError(f"{checkpoint} has no tensors for layer {missing}, but its {count_key} says {n} "
+                              f"layers ({len(present)} present)")
+
+
 def materialize(
     config: ModelConfig,
     source_for: Callable[[str], TensorSource],
@@ -37,11 +53,13 @@ def materialize(
     progress: bool = True,
     desc: str = "loading",
     mesh: Any = None,
+    checkpoint: str | Path = "the checkpoint",
 ) -> Params:
     """Build the params pytree tensor by tensor, checking each shape against its spec. Each tensor goes to
     the device (or, with a mesh, straight into its shards) before the next is read, so host memory holds
     about one tensor at a time. For int8 each tensor is read in float32 and quantized on the host
-    (quant.host_param) on its way."""
+    (quant.host_param) on its way. A tensor holding NaN or infinity is refused by name (`checkpoint` names
+    the file in errors)."""
     specs = param_specs(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
     np_dtype = np.dtype(dtype)
@@ -54,12 +72,15 @@ def materialize(
                 array = source_for(name)(read_dtype)
             except ValueError as err:  # numpy reshape/broadcast failures: the file disagrees with the config
                 raise CheckpointError(
-                    f"tensor for {name} does not fit shape {spec.shape} of the config: {err}"
+                    f"{checkpoint}: tensor for {name} does not fit shape {spec.shape} of the config: {err}"
                 ) from None
             if array.shape != spec.shape:
                 raise CheckpointError(
-                    f"tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
+                    f"{checkpoint}: tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
                 )
+            # min and max pass over the tensor without allocating, and either is NaN or inf when one value is.
+            if array.size and not (math.isfinite(float(array.min())) and math.isfinite(float(array.max()))):
+                raise CheckpointError(f"{checkpoint}: the weights of {name} hold NaN or infinite values")
             leaves.append(place(host_param(name, spec.axes, array, np_dtype), spec.axes, mesh))
             del array
             bar.update(reader.bytes_read - bar.n)

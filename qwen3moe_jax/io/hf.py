@@ -11,9 +11,10 @@ fused 3-D form transformers 5 uses in memory (`mlp.experts.gate_up_proj`, `mlp.e
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from safetensors.numpy import save_file
 
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
+from qwen3moe_jax.io import check_layers
+from qwen3moe_jax.model import named_leaves, param_specs
 from qwen3moe_jax.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,7 +40,7 @@ class SafetensorsReader:
     def __init__(self, directory: Path, stack: ExitStack):
         index = directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -46,12 +49,11 @@ class SafetensorsReader:
             raise CheckpointError(f"no *.safetensors files in {directory}")
         self._handles = {}
         for name in files:
-            if not (directory / name).is_file():
-                raise CheckpointError(f"{INDEX_FILE} names {name}, which is not in {directory}")
+            path = _weight_file(directory, name)
             try:
-                self._handles[name] = stack.enter_context(safe_open(directory / name, framework="numpy"))
+                self._handles[name] = stack.enter_context(safe_open(path, framework="numpy"))
             except Exception as err:  # the library raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read {directory / name}: {err}") from err
+                raise CheckpointError(f"cannot read {path}: {err}") from err
         if weight_map is None:
             weight_map = {key: name for name, h in self._handles.items() for key in h.keys()}
         self._where = weight_map
@@ -65,14 +67,83 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        return list(self._where)
+
     def get(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
-        array = self._handles[self._where[name]].get_tensor(name)
+        array = self._read(name, lambda handle: handle.get_tensor(name))
         if name not in self._counted:
             self._counted.add(name)
             self.bytes_read += array.nbytes
         return array
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file's header, reading no data."""
+        return tuple(self._read(name, lambda handle: handle.get_slice(name).get_shape()))
+
+    def _read(self, name: str, read: Callable[[Any], Any]) -> Any:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+        try:
+            return read(self._handles[self._where[name]])
+        except Exception as err:  # absent from the file the index names, or a dtype numpy cannot hold
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.directory / self._where[name]}: {err}") \
+                from None
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{index} is not a readable JSON file: {err}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index} must hold a weight_map object mapping tensor names to file names")
+    return weight_map
+
+
+def _weight_file(directory: Path, name: str) -> Path:
+    """A weights file the index (or a listing) names, refused unless it stays inside the checkpoint directory:
+    a relative name without '..' whose target, symlinks followed, is a regular file inside the directory, or,
+    for a Hugging Face hub snapshot (snapshots/<revision>/, whose files link to ../../blobs/), in its blobs."""
+    relative = PurePosixPath(name)
+    if not name or relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        raise CheckpointError(f"{directory} names the weights file {name!r}, which is outside the checkpoint")
+    path = directory / relative
+    if not path.is_file():
+        raise CheckpointError(f"{directory} names the weights file {name!r}, which is not a file in it")
+    root, target = directory.resolve(), path.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(folder) for folder in allowed):
+        raise CheckpointError(f"{path} links to {target}, outside the checkpoint directory")
+    return path
+
+
+def check_hf_tensors(config: ModelConfig, reader: SafetensorsReader) -> None:
+    """Before any weight is read: the checkpoint holds every layer the config names and no other, the experts
+    it names (per-expert layout) and no other, and each tensor with the shape the config implies (from the
+    files' headers)."""
+    names = reader.names()
+    layers = {int(m[1]) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    check_layers(config, layers, reader.directory, "config.json num_hidden_layers")
+    experts = {int(m[1]) for name in names if (m := re.match(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\.", name))}
+    if experts and (max(experts) >= config.num_experts or len(experts) < config.num_experts):
+        raise CheckpointError(f"{reader.directory} holds experts numbered up to {max(experts)} ({len(experts)} "
+                              f"in all), but config.json num_experts says {config.num_experts}")
+    X, E, F = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    for name, spec in named_leaves(param_specs(config)).items():
+        _, layer, *rest = name.split(".") if name.startswith("layers.") else ("", "", "")  # layers.3.mlp.gate
+        fused = _fused_name(f"model.layers.{layer}", rest[-1]) if rest[0] == "mlp" and len(spec.shape) == 3 else None
+        if fused in reader:  # [X, E, F] for down_proj, [X, 2F, E] for gate_up_proj
+            implied = [(fused, (X, E, F) if rest[-1] == "down" else (X, 2 * F, E))]
+        else:  # the published layout, as write_hf writes it, from a stand-in that allocates nothing
+            implied = [(n, a.shape) for n, a in hf_tensors(name, np.broadcast_to(np.float32(0), spec.shape), config)]
+        for hf_name, shape in implied:
+            if reader.shape(hf_name) != shape:
+                raise CheckpointError(f"{reader.directory}: tensor {hf_name} has shape {reader.shape(hf_name)}, but "
+                                      f"config.json implies {shape}")
 
 
 def _data_bytes(path: Path) -> int:
@@ -134,7 +205,7 @@ def hf_tensor_source(name: str, config: ModelConfig, reader: SafetensorsReader) 
 
 def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsReader) -> Callable[[Any], np.ndarray]:
     X, F, E = c.num_experts, c.moe_intermediate_size, c.hidden_size
-    fused = f"{prefix}.mlp.experts.gate_up_proj" if leaf != "down" else f"{prefix}.mlp.experts.down_proj"
+    fused = _fused_name(prefix, leaf)
     if fused in reader:
         if leaf == "down":  # [X, E, F] -> [X, F, E]
             return lambda dt: np.asarray(reader.get(fused).transpose(0, 2, 1), dtype=dt)
@@ -154,6 +225,11 @@ def _expert_source(prefix: str, leaf: str, c: ModelConfig, reader: SafetensorsRe
     return stacked
 
 
+def _fused_name(prefix: str, leaf: str) -> str:
+    """The fused tensor (transformers 5's in-memory layout) that holds expert param `leaf` of a layer."""
+    return f"{prefix}.mlp.experts.down_proj" if leaf == "down" else f"{prefix}.mlp.experts.gate_up_proj"
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_json_file(directory / "config.json")
 
@@ -163,19 +239,35 @@ def read_hf_tokenizer(directory: Path) -> Tokenizer | None:
     `chat_template`) and the bos/eos token strings; None when the directory has no tokenizer.json."""
     if not (directory / "tokenizer.json").is_file():
         return None
-    config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    template_file = directory / "chat_template.jinja"
-    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    config_file, template_file = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    config = _read(config_file, json.loads) if config_file.is_file() else {}
+    template = _read(template_file, str) if template_file.is_file() else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+    if template is None:
+        template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
 
     def token(key: str) -> str | None:
         value = config.get(key)
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{config_file}: {key} must be a string, got {value!r}")
+        return value
 
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{config_file}: chat_template must be a string, got {type(template).__name__}")
     return Tokenizer.from_file(directory / "tokenizer.json", chat_template=template,
                                bos_token=token("bos_token"), eos_token=token("eos_token"))
+
+
+def _read(path: Path, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
 def write_hf(directory: str | Path, config: ModelConfig, named_arrays: dict[str, np.ndarray],
