@@ -37,6 +37,9 @@ import hmac
 import ipaddress
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import re
 import secrets
@@ -45,9 +48,11 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Annotated, Any, Literal
 
+import tokenizers
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -61,6 +66,7 @@ from qwen3moe_jax.api import Model
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.tokenizer import Tokenizer
 
 FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
                   "cache_full": "length"}
@@ -379,6 +385,49 @@ class Worker:
                 "requests_queued": self.jobs.qsize()}
 
 
+# ------------------------------------------------------------------------------------- tokenizer process
+
+SHORT_TEXT_CHARS = 16_384  # tokenized in the request's thread (tens of ms at most); longer text in the child
+
+
+class TokenizerProcess:
+    """Tokenizes long texts in a child process. The tokenizers library holds the GIL while it encodes (3 s
+    for 1 MB of text with a byte-level vocabulary, 1.4 s with the bundled model's), so in a thread it would
+    still stall the event loop, /health included; in a child it stalls nothing. One child: long prompts
+    wait for each other, short ones never wait for them."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_load_child_tokenizer, initargs=(tokenizer.backend.to_str(),))
+        self.pool.submit(_child_encode, "")  # start the child now rather than on the first long prompt
+
+    def encode(self, text: str) -> list[int]:
+        """tokenizer.encode(text) (blocking: call it from a thread)."""
+        if len(text) <= SHORT_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        return self.pool.submit(_child_encode, text).result()
+
+
+_child_tokenizer: tokenizers.Tokenizer | None = None
+
+
+def _load_child_tokenizer(spec: str) -> None:
+    global _child_tokenizer
+    _child_tokenizer = tokenizers.Tokenizer.from_str(spec)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    # A server stopped by a signal runs no exit handlers, and the pool's worker would wait for work forever.
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(0)
+
+
+def _child_encode(text: str) -> list[int]:
+    return _child_tokenizer.encode(text, add_special_tokens=False).ids  # as Tokenizer.encode does
+
+
 # ----------------------------------------------------------------------------------------------- the app
 
 @dataclasses.dataclass(frozen=True)
@@ -407,8 +456,12 @@ def sampling_params(model: Model, body: _Request, max_tokens: int | None, logpro
         raise ApiError(400, str(err), code="invalid_value") from err
 
 
-def prepare_chat(model: Model, body: ChatRequest) -> Prepared:
-    """The chat template and the tokenizer over the messages, and every check (blocking: run it in a thread)."""
+Encode = Callable[[str], list[int]]
+
+
+def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
+    """The chat template and the tokenizer (`encode`) over the messages, and every check (blocking: run it
+    in a thread)."""
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with "
                        "token ids", "messages", "invalid_value")
@@ -423,17 +476,18 @@ def prepare_chat(model: Model, body: ChatRequest) -> Prepared:
         raise ApiError(400, str(err), "messages", "invalid_value") from err
     except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-    return _checked(model, Prepared(model.encode(text), params), "messages")
+    return _checked(model, Prepared(encode(text), params), "messages")
 
 
-def prepare_completion(model: Model, body: CompletionRequest) -> Prepared:
-    """The tokenizer over the prompt (or its token ids as given), and every check (blocking: run it in a thread)."""
+def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> Prepared:
+    """The tokenizer (`encode`) over the prompt, or its token ids as given, and every check (blocking: run it
+    in a thread)."""
     params = sampling_params(model, body, body.max_tokens, body.logprobs)
-    try:
-        prompt = model.encode(body.prompt)
-    except Qwen3MoeError as err:  # text for a model without a tokenizer
-        raise ApiError(400, str(err), "prompt", "invalid_value") from err
-    return _checked(model, Prepared(prompt, params), "prompt")
+    if isinstance(body.prompt, list):
+        return _checked(model, Prepared(body.prompt, params), "prompt")
+    if model.tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt", "invalid_value")
+    return _checked(model, Prepared(encode(body.prompt), params), "prompt")
 
 
 def _checked(model: Model, request: Prepared, param: str) -> Prepared:
@@ -457,6 +511,8 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     app.router.route_class = _JsonRoute
     app.add_middleware(_Gate, api_key=api_key, max_request_bytes=max_request_bytes)
     worker = Worker()
+    encoder = TokenizerProcess(model.tokenizer) if model.tokenizer is not None else None
+    encode = encoder.encode if encoder is not None else model.encode
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -507,13 +563,13 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_chat, model, body))
+        job = start(await run_in_threadpool(prepare_chat, model, body, encode))
         return await _respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_completion, model, body))
+        job = start(await run_in_threadpool(prepare_completion, model, body, encode))
         return await _respond(job, body, request, chat=False, name=model_name, tokenizer=model.tokenizer)
 
     return app
