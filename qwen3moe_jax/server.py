@@ -30,6 +30,7 @@ ASGI http.disconnect message beside the events.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -37,27 +38,23 @@ import hmac
 import ipaddress
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
-import os
 import queue
 import re
 import secrets
+import subprocess
 import sys
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from typing import Annotated, Any, Literal
 
-import tokenizers
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -79,6 +76,15 @@ MAX_JSON_DEPTH = 64  # deep enough for any tool's JSON schema; deeper bodies are
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000  # the stop-string filter's per-token work grows with a stop string's length squared
 
+
+
+def _integral(value: Any) -> Any:
+    # In JSON 5.0 is the integer 5 (and some encoders write every number with a fraction); 5.5 stays a float,
+    # which strict validation then refuses.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -95,17 +101,17 @@ class _Request(BaseModel):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 is off, and so is any value >= the vocabulary")
-    seed: int | None = Field(None, ge=0, lt=2**32)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    top_k: Int = Field(0, ge=-1, description="extension: 0 or -1 is off, and so is any value >= the vocabulary")
+    seed: Int | None = Field(None, ge=0, lt=2**32)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     # Bounded so that penalized logits stay finite in float32 at any temperature.
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="extension, llama.cpp/vLLM style")
-    repeat_last_n: int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
+    repeat_last_n: Int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
                                                      "length: the whole context)")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: Int = Field(1, ge=1, le=1, description="one choice per request")
 
 
 class StreamOptions(BaseModel):
@@ -127,20 +133,21 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
     tools: list[dict[str, Any]] | None = None
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[Int], Field(min_length=1)]
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "union", "constrained-str"}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before", "union",
+               "constrained-str"}
 _Request.model_rebuild()
 ChatRequest.model_rebuild()
 CompletionRequest.model_rebuild()
@@ -389,43 +396,58 @@ class Worker:
 
 SHORT_TEXT_CHARS = 16_384  # tokenized in the request's thread (tens of ms at most); longer text in the child
 
+# The child: a plain interpreter that imports only `tokenizers` (no main-module re-import, as multiprocessing's
+# spawn would do, and no JAX). It reads the tokenizer's JSON, then texts, each sent as 8 bytes of length and
+# UTF-8; it answers the ids as 8 bytes of length and uint32s. When the server goes, its stdin ends, and so does it.
+_TOKENIZER_CHILD = """
+import array, sys, tokenizers
+stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+def read():
+    size = int.from_bytes(stdin.read(8) or bytes(8), "little")
+    data = stdin.read(size)
+    if not size or len(data) < size:
+        sys.exit(0)
+    return data.decode()
+tokenizer = tokenizers.Tokenizer.from_str(read())
+while True:
+    ids = array.array("I", tokenizer.encode(read(), add_special_tokens=False).ids).tobytes()
+    stdout.write(len(ids).to_bytes(8, "little") + ids)
+    stdout.flush()
+"""
+
 
 class TokenizerProcess:
-    """Tokenizes long texts in a child process. The tokenizers library holds the GIL while it encodes (3 s
-    for 1 MB of text with a byte-level vocabulary, 1.4 s with the bundled model's), so in a thread it would
-    still stall the event loop, /health included; in a child it stalls nothing. One child: long prompts
-    wait for each other, short ones never wait for them."""
+    """Tokenizes long texts in a child process, as Tokenizer.encode does. The tokenizers library holds the GIL
+    while it encodes (3 s for 1 MB of text with a byte-level vocabulary, 1.4 s with the bundled model's), so
+    in a thread it would still stall the event loop, /health included; in a child it stalls nothing. One
+    child: long prompts wait for each other, short ones never wait for them."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_load_child_tokenizer, initargs=(tokenizer.backend.to_str(),))
-        self.pool.submit(_child_encode, "")  # start the child now rather than on the first long prompt
+        self.spec = tokenizer.backend.to_str()
+        self.lock = threading.Lock()
+        self.child: subprocess.Popen | None = None
 
     def encode(self, text: str) -> list[int]:
         """tokenizer.encode(text) (blocking: call it from a thread)."""
         if len(text) <= SHORT_TEXT_CHARS:
             return self.tokenizer.encode(text)
-        return self.pool.submit(_child_encode, text).result()
+        with self.lock:
+            if self.child is None or self.child.poll() is not None:  # first use, or it died: (re)start it
+                self.child = subprocess.Popen([sys.executable, "-c", _TOKENIZER_CHILD], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE)
+                self._send(self.spec)
+            self._send(text)
+            size = int.from_bytes(self.child.stdout.read(8), "little")
+            ids = self.child.stdout.read(size)
+            if len(ids) != size or (size == 0 and self.child.poll() is not None):
+                raise RuntimeError("the tokenizer process died")
+            return array.array("I", ids).tolist()
 
-
-_child_tokenizer: tokenizers.Tokenizer | None = None
-
-
-def _load_child_tokenizer(spec: str) -> None:
-    global _child_tokenizer
-    _child_tokenizer = tokenizers.Tokenizer.from_str(spec)
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
-
-
-def _exit_with_parent() -> None:
-    # A server stopped by a signal runs no exit handlers, and the pool's worker would wait for work forever.
-    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
-    os._exit(0)
-
-
-def _child_encode(text: str) -> list[int]:
-    return _child_tokenizer.encode(text, add_special_tokens=False).ids  # as Tokenizer.encode does
+    def _send(self, text: str) -> None:
+        data = text.encode()
+        self.child.stdin.write(len(data).to_bytes(8, "little") + data)
+        self.child.stdin.flush()
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -521,7 +543,9 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
+        # Of a union's errors (one per member), the one that got furthest into the value says most: the deepest,
+        # and not a mere "not this type" when another member's type matched.
+        first = max(err.errors(), key=lambda e: (len(e["loc"]), not _is_type_mismatch(e["type"])))
         # pydantic's location also names the union member it tried ("str", "list[ContentPart]"): drop those.
         location = [str(part) for part in first["loc"][1:]
                     if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_NAMES)]
@@ -573,6 +597,10 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
         return await _respond(job, body, request, chat=False, name=model_name, tokenizer=model.tokenizer)
 
     return app
+
+
+def _is_type_mismatch(error_type: str) -> bool:
+    return error_type.endswith("_type") or error_type in ("none_required", "literal_error", "is_instance_of")
 
 
 def _message_dict(message: Message) -> dict[str, Any]:

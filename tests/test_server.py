@@ -213,12 +213,13 @@ HOSTILE_REQUESTS = [
     (COMPLETIONS, {"model": "tiny", "prompt": [1, -1]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [2**31]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [10**30]}, 400, "prompt"),
-    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2]]}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2]]}, 400, "prompt.0"),
     (COMPLETIONS, {"model": "tiny", "prompt": []}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": 2.0}, 400, "max_tokens"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [1, 2.5]}, 400, "prompt.1"),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, None),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400, None),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "repetition_penalty": -Infinity}', 400, None),
@@ -424,3 +425,17 @@ def test_latency_script_measures_a_running_server(server):
     out = subprocess.run([sys.executable, "scripts/sse_latency.py", "--url", server, "--requests", "2",
                           "--max-tokens", "8"], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "time to first token: median" in out and "model tiny" in out
+
+
+def test_long_texts_are_tokenized_in_a_child_process_exactly_as_in_this_one(bpe_tokenizer):
+    from qwen3moe_jax.server import SHORT_TEXT_CHARS, TokenizerProcess
+    from tests.conftest import MIXED_TEXT
+
+    encoder = TokenizerProcess(bpe_tokenizer)
+    long_text = MIXED_TEXT * (3 * SHORT_TEXT_CHARS // len(MIXED_TEXT))
+    for text in (long_text, long_text[7:] + "<|im_end|>", MIXED_TEXT):
+        assert encoder.encode(text) == bpe_tokenizer.encode(text)
+    assert encoder.child is not None  # the long ones went there
+    encoder.child.kill()
+    encoder.child.wait()
+    assert encoder.encode(long_text) == bpe_tokenizer.encode(long_text)  # a dead child is replaced
