@@ -141,7 +141,9 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[Int], Field(min_length=1)]
+    # Token ids are plain ints: a per-item validator in Python would take 0.25 s, on the event loop, for the
+    # 1.4 million ids a 4 MiB body can hold (Rust's own check takes 0.07 s).
+    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[int], Field(min_length=1)]
     logprobs: Int | None = Field(None, ge=0, le=5)
     max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
 

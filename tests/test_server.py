@@ -219,7 +219,7 @@ HOSTILE_REQUESTS = [
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
-    (COMPLETIONS, {"model": "tiny", "prompt": [1, 2.5]}, 400, "prompt.1"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [1, 2.0]}, 400, "prompt.1"),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, None),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400, None),
     (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "repetition_penalty": -Infinity}', 400, None),
@@ -238,7 +238,7 @@ HOSTILE_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": HI, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400, "messages"),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     400, "messages.0.content"),
+     400, "messages.0.content.0.text"),
     (CHAT, {"model": "tiny", "messages": HI, "stop": "x" * 1001}, 400, "stop"),
     (CHAT, {"model": "", "messages": HI}, 404, "model"),
     (CHAT, {"model": "x" * 100_000, "messages": HI}, 404, "model"),
@@ -310,13 +310,26 @@ def test_integers_past_int32_that_mean_off_or_everything_run_as_their_exact_equi
         assert "".join(c["choices"][0]["text"] for c in chunks) == expected
 
 
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and the body of one HTTP response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
 def test_a_body_past_the_limit_gets_413_without_being_read(server):
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         # 5 MiB announced, 20 bytes sent: the answer comes without waiting for the rest.
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n{\"model\": \"tiny\", " % (5 * 2**20))
-        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+        head, body = _read_response(sock)
     assert head.startswith(b"HTTP/1.1 413"), head
     error = json.loads(body)["error"]
     assert error["code"] == "request_too_large" and str(4 * 2**20) in error["message"]
