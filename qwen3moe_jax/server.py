@@ -112,6 +112,10 @@ class _Request(BaseModel):
     repeat_last_n: Int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
                                                      "length: the whole context)")
     n: Int = Field(1, ge=1, le=1, description="one choice per request")
+    # OpenAI's parameters this server does not implement: refused unless neutral (see UNSUPPORTED), never ignored.
+    presence_penalty: float | None = Field(None, description="not supported: only 0")
+    frequency_penalty: float | None = Field(None, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only {}")
 
 
 class StreamOptions(BaseModel):
@@ -138,6 +142,7 @@ class ChatRequest(_Request):
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
     tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='not supported: only {"type": "text"}')
 
 
 class CompletionRequest(_Request):
@@ -146,6 +151,9 @@ class CompletionRequest(_Request):
     prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[int], Field(min_length=1)]
     logprobs: Int | None = Field(None, ge=0, le=5)
     max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool | None = Field(None, description="not supported: only false")
+    best_of: Int | None = Field(None, description="not supported: only 1")
+    suffix: str | None = Field(None, description='not supported: only ""')
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before", "union",
@@ -463,10 +471,21 @@ class Prepared:
     sampling: SamplingParams
 
 
+# Each parameter of OpenAI's that the server does not implement, with its values that ask for nothing.
+UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
+               "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},)}
+
+
 def sampling_params(model: Model, body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The request's SamplingParams. top_k >= the vocabulary keeps every token, exactly as top_k off does, and
-    repeat_last_n >= the KV cache length covers the whole context as that length does: both are mapped to
-    the value the engine's int32 arrays hold."""
+    """The request's SamplingParams, after refusing the UNSUPPORTED parameters that ask for something.
+    top_k >= the vocabulary keeps every token, exactly as top_k off does, and repeat_last_n >= the KV cache
+    length covers the whole context as that length does: both are mapped to the value the engine's int32
+    arrays hold."""
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        if value is not None and value not in neutral:
+            raise ApiError(400, f"{name} is not supported by this server: leave it out or send {neutral[0]!r}",
+                           name, "unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     top_k = body.top_k if 0 < body.top_k < model.config.vocab_size else 0
     try:

@@ -240,6 +240,14 @@ HOSTILE_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      400, "messages.0.content.0.text"),
     (CHAT, {"model": "tiny", "messages": HI, "stop": "x" * 1001}, 400, "stop"),
+    # OpenAI's parameters that this server does not implement: refused when they ask for something.
+    (CHAT, {"model": "tiny", "messages": HI, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    (CHAT, {"model": "tiny", "messages": HI, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    (CHAT, {"model": "tiny", "messages": HI, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    (CHAT, {"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),
     (CHAT, {"model": "", "messages": HI}, 404, "model"),
     (CHAT, {"model": "x" * 100_000, "messages": HI}, 404, "model"),
 ]
@@ -288,6 +296,16 @@ def test_sse5_bad_requests_get_openai_errors_before_any_stream_and_the_connectio
     with pytest.raises(openai.BadRequestError, match="exceeds the KV cache length") as raised:
         client.completions.create(model="tiny", prompt="y" * 300)
     assert raised.value.code == "context_length_exceeded"
+
+
+def test_openai_parameters_that_ask_for_nothing_are_accepted(server):
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "max_tokens": 2}
+    chat = httpx.post(f"{server}{CHAT}", json={"model": "tiny", "messages": HI, "response_format": {"type": "text"},
+                                              "user": "u", "tool_choice": "auto"} | neutral)
+    assert chat.status_code == 200, chat.text
+    completion = httpx.post(f"{server}{COMPLETIONS}", json={"model": "tiny", "prompt": "hi", "echo": False,
+                                                            "best_of": 1, "suffix": None} | neutral)
+    assert completion.status_code == 200, completion.text
 
 
 def test_integers_past_int32_that_mean_off_or_everything_run_as_their_exact_equivalent(server, local):
