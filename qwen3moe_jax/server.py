@@ -15,9 +15,11 @@ always before a response starts, so a streaming request with bad parameters gets
   3. pydantic models (`ChatRequest`, `CompletionRequest`): types and ranges; they are also what
      /openapi.json describes.
   4. The handler: the model name (404), then `prepare_chat` / `prepare_completion` in a worker thread
-     (`run_in_threadpool`): sampling settings (`sampling_params`), the chat template, the tokenizer, token
-     ids against the vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared`
-     request (token ids + SamplingParams), cannot fail on its input any more.
+     (`run_in_threadpool`): sampling settings (`sampling_params`, which also refuses OpenAI parameters the
+     server does not implement), the chat template, the tokenizer (texts over SHORT_TEXT_CHARS go to
+     `TokenizerProcess`, a child process, since the tokenizer holds the GIL), token ids against the
+     vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared` request (token ids +
+     SamplingParams), cannot fail on its input any more.
   5. `start` wraps it in a `Job` for `Worker`, one thread that runs requests one after another through the
      model's single KV cache (the engine's batch rows could carry several streams in one decode step; this
      server does not batch yet). The worker passes each event to the job's asyncio queue; the response reads
