@@ -169,8 +169,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
+    if args.api_key == "":
+        raise Qwen3MoeError("--api-key: the key must not be empty")
+    if args.max_request_bytes < 1:
+        raise Qwen3MoeError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     model = build_model(args)
-    serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens)
+    serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens,
+          args.api_key, args.max_request_bytes)
     return 0
 
 
@@ -230,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile prefill for prompts up to this length before serving (one program per power of "
                           "two from 16); lower starts sooner, and a longer prompt compiles its bucket on first use "
                           "(default: %(default)s)")
+    srv.add_argument("--api-key", default=os.environ.get("QWEN3MOE_JAX_API_KEY") or None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route (default: the environment "
+                          "variable QWEN3MOE_JAX_API_KEY, which keeps the key out of the process list; "
+                          "neither: no key)")
+    # The default is server.DEFAULT_MAX_REQUEST_BYTES, written out: server.py loads fastapi, only for serve.
+    srv.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                     help="larger request bodies get 413 (default: %(default)s, 4 MiB)")
     srv.set_defaults(func=cmd_serve)
 
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "
