@@ -138,7 +138,8 @@ def quantize_int4(array: np.ndarray, axis: int) -> QuantizedWeight:
     w = np.moveaxis(np.asarray(array, np.float32), axis, -1)
     if not np.isfinite(w).all():
         raise CheckpointError("cannot quantize a weight holding inf or NaN to int4")
-    blocks = quants.quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q4_0)
+    with np.errstate(over="ignore"):  # a scale beyond float16 becomes inf, refused below
+        blocks = quants.quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q4_0)
     return int4_from_gguf_blocks(blocks, GGMLQuantizationType.Q4_0, axis)
 
 
