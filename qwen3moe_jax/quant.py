@@ -179,11 +179,16 @@ def int4_from_gguf_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType, axis:
 
 
 def unpack_int4(values: Any, axis: int) -> Any:
-    """Packed int4 (uint8, K / 2 along `axis`) -> q in 0..15 (uint8, K along `axis`), numpy or jax alike."""
+    """Packed int4 (uint8, K / 2 along `axis`) -> q in 0..15 (uint8, K along `axis`), numpy or jax alike.
+
+    Written as one broadcast shift and mask, no concatenate, so that a GEMM fusion can take the whole unpack
+    into its operand read (XLA's Triton GEMM fusions accept broadcasts and elementwise ops)."""
     xp = np if isinstance(values, np.ndarray) else _jnp()
     shape = values.shape
-    v = values.reshape(*shape[:axis], shape[axis] // 16, 16, *shape[axis + 1:])
-    q = xp.concatenate([v & 15, v >> 4], axis=axis + 1)  # each group's 16 low nibbles, then its 16 high ones
+    v = values.reshape(*shape[:axis], shape[axis] // 16, 1, 16, *shape[axis + 1:])
+    # Each group's 16 bytes give its first 16 q from their low nibbles, then the next 16 from the high ones.
+    shifts = xp.asarray(np.array([0, 4], np.uint8).reshape(2, *(1,) * (v.ndim - axis - 2)))
+    q = (v >> shifts) & np.uint8(15)
     return q.reshape(*shape[:axis], shape[axis] * 2, *shape[axis + 1:])
 
 
