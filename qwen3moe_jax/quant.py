@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import struct
@@ -149,7 +150,7 @@ def int4_from_gguf_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType, axis:
     - Q4_0, 32 values a block: d (float16), 16 bytes of q; w = d * (q - 8): scale d, no offset.
     - Q4_K, 256 values a block: d, dmin (float16), 8 six-bit sub-block scales sc and minimums mn packed in 12
       bytes, 128 bytes of q; w = d * sc * q - dmin * mn for each sub-block of 32: scale d * sc and offset
-      dmin * mn, each rounded once to float16 (exact in float32, 17 bits, so float16 keeps 2^-12 of them).
+      dmin * mn, exact in float32 and rounded once to float16 (by at most 2^-11 of themselves).
     Memory: a few bytes a weight of uint8 and float16 temporaries, never a float32 copy of the weight."""
     lead, row_bytes = blocks.shape[:-1], blocks.shape[-1]
     block_size, type_size = quants.GGML_QUANT_SIZES[qtype]
@@ -183,7 +184,7 @@ def unpack_int4(values: Any, axis: int) -> Any:
 
     Written as one broadcast shift and mask, no concatenate, so that a GEMM fusion can take the whole unpack
     into its operand read (XLA's Triton GEMM fusions accept broadcasts and elementwise ops)."""
-    xp = np if isinstance(values, np.ndarray) else _jnp()
+    xp = np if isinstance(values, np.ndarray) else jnp
     shape = values.shape
     v = values.reshape(*shape[:axis], shape[axis] // 16, 1, 16, *shape[axis + 1:])
     # Each group's 16 bytes give its first 16 q from their low nibbles, then the next 16 from the high ones.
@@ -204,12 +205,6 @@ def dequantize(weight: QuantizedWeight) -> Any:
     offset = (np.float32(8) * scale if weight.offset is None else
               weight.offset.astype(np.float32).reshape(scale.shape))
     return (q.reshape(grouped) * scale - offset).reshape(shape)
-
-
-def _jnp() -> Any:
-    import jax.numpy as jnp  # numpy-only callers (the loaders) need not import jax for this
-
-    return jnp
 
 
 def is_int4_groupable(axes: tuple[str, ...], shape: tuple[int, ...]) -> bool:

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.quant import QuantizedWeight
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -98,7 +99,7 @@ def place(array: Any, axes: Sequence[str | None], mesh: Mesh | None) -> Any:
     hold bytes whose scales are elsewhere: a mesh axis that divides the one but not the other is refused."""
     if mesh is None:
         return jax.device_put(array)
-    if getattr(array, "bits", None) == 4:
+    if isinstance(array, QuantizedWeight) and array.bits == 4:
         values, scale = (logical_spec(axes, a.shape, dict(mesh.shape)) for a in (array.values, array.scale))
         if values != scale:
             raise ConfigError(f"an int4 weight of axes {tuple(axes)} and shape {array.shape} splits its bytes as "

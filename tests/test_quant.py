@@ -470,13 +470,15 @@ def test_int4_weights_in_float32_run_the_whole_model_as_their_dequantized_weight
 
 
 def test_int4_bundled_model_against_float32(bundled):
-    """Measured (CPU), 137 positions: see the README's table. int4 (the bundled Q8_0 file requantized to
-    groups of 32) is 4-bit rounding, an order of magnitude coarser than int8; the bounds leave 2x margin."""
+    """The bundled Q8_0 file requantized to 4 bits in groups of 32, against float32. Measured (CPU), 137
+    positions, logit std 2.75: int4 mean |diff| 0.12, top-1 94.2%, max 2.07 (1.76 at the 125 positions routed
+    as float32); bfloat16 0.012, 99.3%, 0.38; int8 0.019, 100%, 1.59. 16 levels a group instead of 255 put
+    int4 an order of magnitude above int8; the bounds leave 2x margin, top-1 the issue's 90%."""
     models = {dtype: bundled[dtype] for dtype in ("float32", "bfloat16", "int4")}
     figures = parity(models, [bundled["float32"].encode(s) for s in SNIPPETS])
     int4 = figures["int4"]
     assert int4["top1"] >= 0.9
-    assert int4["mean"] < 0.5
+    assert int4["mean"] < 0.25 and int4["max_same_experts"] < 3.5
 
 
 def test_int4_model_layout_and_greedy_generation_end_to_end(bundled):
@@ -544,8 +546,8 @@ def test_saving_an_int4_model_writes_its_dequantized_weights(tmp_path):
 
 def test_loading_a_q4_0_file_as_int4_makes_no_float_copy_of_a_4_bit_tensor(tmp_path):
     """A 4-bit tensor goes from the memory-mapped file to the device as bytes and float16 scales: the transient
-    host allocation while loading stays below 2 bytes per weight of the largest tensor, half of one float32
-    copy of that tensor, let alone of the model."""
+    host allocation while loading stays below 3 bytes per weight of the largest tensor (measured: 1.7, a few
+    uint8 copies of its bytes), under one float32 copy of that tensor, let alone of the model."""
     qj.save_gguf(qj.random_model("small"), tmp_path / "m.gguf", qtype="Q4_0", with_tokenizer=False)
     largest = 16 * 256 * 128  # one layer's stacked expert tensor
     tracemalloc.start()
@@ -555,7 +557,7 @@ def test_loading_a_q4_0_file_as_int4_makes_no_float_copy_of_a_4_bit_tensor(tmp_p
     print(f"largest tensor {largest * 4 / 1e6:.1f} MB in float32; transient host allocation while loading int4 "
           f"{(peak - held) / 1e6:.2f} MB")
     assert model.params.layers[0].mlp.gate.bits == 4
-    assert peak - held < 2 * largest
+    assert peak - held < 3 * largest
 
 
 def test_int4_on_a_mesh_gives_the_single_device_logits():

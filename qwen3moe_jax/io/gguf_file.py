@@ -264,7 +264,10 @@ def int4_from_gguf(tensor: QuantizedTensor, name: str, shape: tuple[int, ...], a
     """A Q4_0 / Q4_K tensor as an int4 weight in our layout (param `name` of float shape `shape`, groups along
     `axis`), its numbers kept: the blocks are taken apart along GGUF's rows, then every array is laid out as
     from_gguf_layout lays out the float tensor, with the group axis at its packed and its grouped length."""
-    weight = int4_from_gguf_blocks(tensor.blocks, tensor.qtype, -1)
+    try:
+        weight = int4_from_gguf_blocks(tensor.blocks, tensor.qtype, -1)
+    except CheckpointError as err:
+        raise CheckpointError(f"tensor {tensor.name!r}: {err}") from None
 
     def ours(array: np.ndarray, per: int) -> np.ndarray:
         part = list(shape)
