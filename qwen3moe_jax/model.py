@@ -196,9 +196,10 @@ def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
 def int4_operand(w: QuantizedWeight, dtype: Any) -> Array:
     """An int4 weight as a matmul operand in `dtype`: unpacked and s * q - m per group computed in float32
     (an asymmetric group's s * q and m may nearly cancel, which bfloat16 arithmetic would magnify), rounded
-    once to `dtype`. Inside a jit step XLA fuses this into the consuming dot's operand read on GPU, so only
-    the packed bytes and the scales are read from memory; on CPU it is a fusion of its own writing the weight
-    in `dtype` that the dot then reads."""
+    once to `dtype`. Elementwise ops and broadcasts only, for XLA:GPU to fuse into the consuming dot's operand
+    read, so that only the packed bytes and the scales come from memory (scripts/int4_fusion_check.py reads
+    the optimized HLO; not yet run on a GPU). XLA:CPU fuses nothing into a dot: there the dequantized weight
+    (of a gathered expert block, for the experts) is written by a fusion of its own and read by the dot."""
     return dequantize(w).astype(dtype)
 
 

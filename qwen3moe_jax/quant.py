@@ -19,7 +19,7 @@ has a float16 scale s and, for asymmetric sources (Q4_K), a float16 offset m, an
 Q4_0 rounding). Two q share a byte: in each group's 16 bytes, byte i holds q[i] in its low nibble and
 q[i + 16] in its high one, as Q4_0 stores them. A scale varies along the contracted axis, so it cannot
 be applied to a matmul's output as int8's is: the einsum dequantizes the weight in its operand instead
-(model.einsum), which XLA fuses into the matmul's read on GPU.
+(model.int4_operand), for XLA to fuse into the matmul's read on GPU.
 """
 
 from __future__ import annotations
