@@ -24,6 +24,7 @@ be applied to a matmul's output as int8's is: the einsum dequantizes the weight 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from qwen3moe_jax.errors import CheckpointError
 INT8_COMPUTE_DTYPE = np.dtype("bfloat16")
 INT4 = np.dtype(ml_dtypes.int4)  # the dtype that asks for int4 storage (np.dtype("int4") once ml_dtypes is loaded)
 GROUP = 32  # int4 weights per scale, along the contracted axis: GGUF's Q4_0 block and Q4_K sub-block
+QUANTIZE_SLICE = 1 << 22  # weights quantized to int4 at a time (quantize_int4)
 
 
 @struct.dataclass
@@ -135,13 +137,18 @@ def group_axis(axes: tuple[str, ...]) -> int:
 def quantize_int4(array: np.ndarray, axis: int) -> QuantizedWeight:
     """int4 of a host array in groups of 32 along `axis`, by ggml's own Q4_0 rounding (gguf.quants): each group's
     scale is its element of largest magnitude / -8, so that element is exactly q = 0, and
-    q = clip(trunc(w / scale + 8.5), 0, 15); the scale is stored as float16."""
-    w = np.moveaxis(np.asarray(array, np.float32), axis, -1)
-    if not np.isfinite(w).all():
-        raise CheckpointError("cannot quantize a weight holding inf or NaN to int4")
-    with np.errstate(over="ignore"):  # a scale beyond float16 becomes inf, refused below
-        blocks = quants.quantize(np.ascontiguousarray(w), GGMLQuantizationType.Q4_0)
-    return int4_from_gguf_blocks(blocks, GGMLQuantizationType.Q4_0, axis)
+    q = clip(trunc(w / scale + 8.5), 0, 15); the scale is stored as float16. Done a slice of about 4M weights
+    at a time, so gguf's float32 temporaries stay small beside a tensor that may be most of a GB."""
+    w = np.moveaxis(np.asarray(array, np.float32), axis, -1)  # a view: the slices below copy what they need
+    step = max(1, QUANTIZE_SLICE // math.prod(w.shape[1:]))
+    blocks = []
+    for start in range(0, w.shape[0], step):
+        part = np.ascontiguousarray(w[start:start + step])
+        if not np.isfinite(part).all():
+            raise CheckpointError("cannot quantize a weight holding inf or NaN to int4")
+        with np.errstate(over="ignore"):  # a scale beyond float16 becomes inf, refused below
+            blocks.append(quants.quantize(part, GGMLQuantizationType.Q4_0))
+    return int4_from_gguf_blocks(np.concatenate(blocks), GGMLQuantizationType.Q4_0, axis)
 
 
 def int4_from_gguf_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType, axis: int) -> QuantizedWeight:

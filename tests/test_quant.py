@@ -332,7 +332,7 @@ def q4_k_blocks(rng: np.random.Generator, rows: tuple[int, ...], n_blocks: int) 
     return blocks.reshape(*rows, n_blocks * 144)
 
 
-def test_int4_keeps_q4_0_blocks_exactly_as_gguf_dequantizes_them():
+def test_int4_keeps_q4_0_blocks_exactly_as_gguf_dequantizes_them(monkeypatch):
     rng = np.random.default_rng(0)
     w = spread_weight(rng, (3, 5, 128), (2,))
     blocks = quants.quantize(w, Q.Q4_0)
@@ -341,7 +341,8 @@ def test_int4_keeps_q4_0_blocks_exactly_as_gguf_dequantizes_them():
     assert qw.scale.dtype == np.float16 and qw.scale.shape == (3, 5, 4) and qw.offset is None
     # d * (q - 8) with a float16 d is exact in float32, and so is our s * q - 8 * s.
     np.testing.assert_array_equal(dequantize(qw), quants.dequantize(blocks, Q.Q4_0))
-    # Our own quantization of float weights is ggml's Q4_0, placed along any axis.
+    # Our own quantization of float weights is ggml's Q4_0, placed along any axis, a slice at a time.
+    monkeypatch.setattr(qj.quant, "QUANTIZE_SLICE", 300)  # 3 slices of one 5 x 128 row each
     along_1 = quantize_int4(np.moveaxis(w, 2, 1), 1)
     np.testing.assert_array_equal(dequantize(along_1), np.moveaxis(quants.dequantize(blocks, Q.Q4_0), 2, 1))
 
