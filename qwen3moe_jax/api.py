@@ -19,10 +19,12 @@ from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError, Sam
 from qwen3moe_jax.generation import Completion, Event, OnToken, collect, stream_events
 from qwen3moe_jax.io import materialize
 from qwen3moe_jax.io.gguf_file import (
+    INT4_TYPES,
     GGUFTensors,
     check_gguf_tensors,
     from_gguf_layout,
     gguf_name,
+    int4_from_gguf,
     is_gguf_file,
     read_gguf_config,
     read_gguf_tokenizer,
@@ -38,7 +40,7 @@ from qwen3moe_jax.io.hf import (
     write_hf,
 )
 from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
-from qwen3moe_jax.quant import QuantizedWeight, dequantize
+from qwen3moe_jax.quant import INT4, QuantizedWeight, dequantize, group_axis, is_int4_groupable, is_quantized
 from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.sharding import replicate, use_mesh
@@ -48,8 +50,9 @@ DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "qwen3-moe-pystdlib-Q8_0.gguf"
 # "int8": attention, expert, dense MLP and lm_head matrices stored as int8 with per-channel scales,
-# everything else and all computation in bfloat16 (see quant.py).
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+# everything else and all computation in bfloat16; "int4": the same matrices in 4 bits with a scale (and
+# offset) per group of 32 (see quant.py).
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 class Model:
@@ -208,7 +211,9 @@ def load(
     dtype is one of DTYPES. "int8" means int8 weights with bfloat16 compute: each matrix of attention,
     the experts, the dense MLPs and lm_head is quantized on the host as it is read (symmetric, one float32
     scale per output channel; from a GGUF file, after dequantizing its blocks), and the embedding table,
-    norms, routers, activations and KV cache are bfloat16.
+    norms, routers, activations and KV cache are bfloat16. "int4" stores the same matrices in 4 bits, one
+    float16 scale (and offset) per group of 32 along the input axis: a GGUF file's Q4_0 and Q4_K tensors
+    keep their numbers, other tensors are quantized from their float values (ggml's Q4_0 rounding).
 
     With a mesh (`make_mesh`), every tensor is placed straight into its shards as it is read, and the model
     runs sharded over the mesh (see sharding.py)."""
@@ -237,30 +242,37 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, 
     shapes = named_leaves(param_specs(config))
 
     def source(name: str):
-        return lambda dt: np.asarray(
-            from_gguf_layout(name, tensors.get(gguf_name(name)), shapes[name].shape), dtype=dt
-        )
+        spec = shapes[name]
+
+        def read(dt: Any) -> np.ndarray | QuantizedWeight:
+            raw = tensors.raw(gguf_name(name))
+            if (dtype == INT4 and raw.qtype in INT4_TYPES and is_quantized(name, spec.axes)
+                    and is_int4_groupable(spec.axes, spec.shape)):  # 4-bit blocks go to the device as stored
+                return int4_from_gguf(raw, name, spec.shape, group_axis(spec.axes))
+            return np.asarray(from_gguf_layout(name, raw.dequantize(), spec.shape), dtype=dt)
+
+        return read
 
     params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh, path)
     return Model(config, params, tokenizer, max_seq_len, mesh)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
-    """Export the model as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16 or Q8_0): weights, config and,
-    when the model has one and with_tokenizer is set, the tokenizer with its chat template. The weights of
-    an int8 model are written dequantized (values * scale) and then stored in qtype."""
+    """Export the model as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16, Q8_0 or Q4_0): weights, config
+    and, when the model has one and with_tokenizer is set, the tokenizer with its chat template. The weights
+    of an int8 or int4 model are written dequantized and then stored in qtype."""
     write_gguf(path, model.config, _float32_arrays(model.params), qtype, model.tokenizer if with_tokenizer else None)
 
 
 def save_hf(model: Model, directory: str | Path) -> None:
     """Export the model as a Hugging Face checkpoint directory (config.json, model.safetensors in float32,
     and the tokenizer with its chat template when the model has one), loadable by transformers. The
-    weights of an int8 model are written dequantized (values * scale)."""
+    weights of an int8 or int4 model are written dequantized."""
     write_hf(directory, model.config, _float32_arrays(model.params), model.tokenizer)
 
 
 def _float32_arrays(params: Params) -> dict[str, np.ndarray]:
-    """{param name: float32 host array}; int8 weights are copied to the host as int8 and dequantized there,
+    """{param name: float32 host array}; quantized weights are copied to the host as stored and dequantized there,
     so the device never holds a float32 copy."""
     return {
         name: dequantize(jax.device_get(a)) if isinstance(a, QuantizedWeight) else np.asarray(a, np.float32)
@@ -278,7 +290,7 @@ def random_model(
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype as
-    for `load` ("int8" included)."""
+    for `load` ("int8" and "int4" included)."""
     if isinstance(config, str):
         config = preset(config)
     params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)

@@ -252,8 +252,8 @@ def run_bench(
 
 
 def _dtype_name(model: Model) -> str:
-    quantized = any(isinstance(leaf, QuantizedWeight) for leaf in named_leaves(model.params).values())
-    return "int8" if quantized else model.params.embed.dtype.name
+    bits = {leaf.bits for leaf in named_leaves(model.params).values() if isinstance(leaf, QuantizedWeight)}
+    return f"int{min(bits)}" if bits else model.params.embed.dtype.name
 
 
 def _first_token_seconds(engine: Engine, prompt: list[int], sampling: SamplingParams) -> float:

@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch))
             for name in args.preset or ["qwen3-30b-a3b", "qwen3-235b-a22b"]
-            for dtype in args.dtype or ["bfloat16", "int8"]
+            for dtype in args.dtype or ["bfloat16", "int8", "int4"]
             for mesh in args.mesh or ["expert=1", "expert=2", "expert=4", "expert=8", "expert=2,tensor=4"]]
     print(format_plans(rows, args.device_memory_gb))
     return 0
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="repeatable (default: qwen3-30b-a3b and qwen3-235b-a22b)")
     pln.add_argument("--mesh", action="append",
                      help="e.g. expert=8; repeatable (default: expert=1, 2, 4, 8 and expert=2,tensor=4)")
-    pln.add_argument("--dtype", action="append", choices=("bfloat16", "float32", "int8"),
-                     help="repeatable (default: bfloat16 and int8)")
+    pln.add_argument("--dtype", action="append", choices=("bfloat16", "float32", "int8", "int4"),
+                     help="repeatable (default: bfloat16, int8 and int4)")
     pln.add_argument("--context", type=int, default=32768, help="KV cache length per row")
     pln.add_argument("--batch", type=int, default=1, help="KV cache rows")
     pln.add_argument("--device-memory-gb", type=float, default=80.0,

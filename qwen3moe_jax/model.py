@@ -23,7 +23,7 @@ from flax import struct
 
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
-from qwen3moe_jax.quant import QuantizedWeight, host_param
+from qwen3moe_jax.quant import QuantizedWeight, dequantize, host_param
 from qwen3moe_jax.sharding import constrain, logical_spec, mesh_sizes, place
 
 Array = jax.Array
@@ -180,12 +180,27 @@ def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
     holds every integer up to 256), which on GPU XLA fuses into the matmul's read of the int8 operand.
     The per-channel scale then multiplies the float32 result, exact because it is constant along the
     contracted axes, before the one rounding to x's dtype.
+
+    An int4 weight's scales vary along the contracted axis, so they cannot wait for the output: the weight
+    is dequantized as the matmul's operand (int4_operand).
     """
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    if isinstance(w, QuantizedWeight) and w.bits == 4:
+        w = int4_operand(w, x.dtype)
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w, precision=precision)
     y = jnp.einsum(spec, x, w.values.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32)
     return (y * _scale_for_output(spec, w.scale)).astype(x.dtype)
+
+
+def int4_operand(w: QuantizedWeight, dtype: Any) -> Array:
+    """An int4 weight as a matmul operand in `dtype`: unpacked and s * q - m per group computed in float32
+    (an asymmetric group's s * q and m may nearly cancel, which bfloat16 arithmetic would magnify), rounded
+    once to `dtype`. Elementwise ops and broadcasts only, for XLA:GPU to fuse into the consuming dot's operand
+    read, so that only the packed bytes and the scales come from memory (scripts/int4_fusion_check.py reads
+    the optimized HLO; not yet run on a GPU). XLA:CPU fuses nothing into a dot: there the dequantized weight
+    (of a gathered expert block, for the experts) is written by a fusion of its own and read by the dot."""
+    return dequantize(w).astype(dtype)
 
 
 def _scale_for_output(spec: str, scale: Array) -> Array:
@@ -357,6 +372,8 @@ def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_si
     precision = jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
 
     def grouped(a: Array, w: Array | QuantizedWeight) -> Array:
+        if isinstance(w, QuantizedWeight) and w.bits == 4:
+            w = int4_operand(w, a.dtype)
         if not isinstance(w, QuantizedWeight):
             return jax.lax.ragged_dot(a, w, group_sizes, precision=precision)
         y = jax.lax.ragged_dot(a, w.values.astype(a.dtype), group_sizes, precision=precision,

@@ -212,8 +212,9 @@ def make_baseline(
         raise qj.ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     if dtype not in DTYPES:
         raise qj.ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if source == "transformers" and dtype == "int8":  # int8 is our weight-only quantization
-        raise qj.ConfigError("transformers runs float dtypes only; check an int8 model against a float32 baseline")
+    if source == "transformers" and dtype in ("int8", "int4"):  # our weight-only quantization
+        raise qj.ConfigError(f"transformers runs float dtypes only; check an {dtype} model against a float32 "
+                             "baseline")
     if new_tokens < 1 or not prompts or not all(len(p) for p in prompts):
         raise qj.ConfigError("a baseline needs at least one prompt, none of them empty, and one new token")
     path = Path(path)

@@ -17,7 +17,7 @@ import numpy as np
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.model import named_leaves, param_specs
-from qwen3moe_jax.quant import INT8_COMPUTE_DTYPE, contracted_axes, is_quantized
+from qwen3moe_jax.quant import GROUP, INT8_COMPUTE_DTYPE, contracted_axes, group_axis, is_int4_groupable, is_quantized
 from qwen3moe_jax.sharding import MESH_AXES, logical_spec
 
 GB = 1e9
@@ -52,14 +52,20 @@ def _shard_bytes(shape: tuple[int, ...], dtype: np.dtype, axes: tuple[str | None
 def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str = "bfloat16", context: int = 32768,
          batch: int = 1) -> Plan:
     """Bytes per device of `config`'s params in `dtype` ("int8": int8 matrices with float32 per-channel
-    scales, the rest bfloat16) and of a KV cache of batch x context tokens, on a mesh of these axis sizes."""
+    scales, the rest bfloat16; "int4": those matrices two weights a byte with a float16 scale per group of
+    32, as quantized from float weights or a Q4_0 file; a Q4_K file's groups add a float16 offset each,
+    0.5 bits a weight more) and of a KV cache of batch x context tokens, on a mesh of these axis sizes."""
     sizes = {axis: int(mesh.get(axis, 1)) for axis in MESH_AXES}
-    compute = np.dtype(INT8_COMPUTE_DTYPE if dtype == "int8" else dtype)
+    compute = np.dtype(INT8_COMPUTE_DTYPE if dtype in ("int8", "int4") else dtype)
     total = per_device = 0
     for name, spec in named_leaves(param_specs(config)).items():
         if dtype == "int8" and is_quantized(name, spec.axes):
             scale_shape = tuple(1 if i in contracted_axes(spec.axes) else d for i, d in enumerate(spec.shape))
             parts = [(spec.shape, np.int8), (scale_shape, np.float32)]
+        elif dtype == "int4" and is_quantized(name, spec.axes) and is_int4_groupable(spec.axes, spec.shape):
+            axis = group_axis(spec.axes)
+            parts = [(tuple(d // per if i == axis else d for i, d in enumerate(spec.shape)), part_dtype)
+                     for per, part_dtype in ((2, np.uint8), (GROUP, np.float16))]
         else:
             parts = [(spec.shape, compute)]
         for shape, part_dtype in parts:

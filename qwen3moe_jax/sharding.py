@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.quant import QuantizedWeight
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -90,11 +91,20 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int])
 
 
 def place(array: Any, axes: Sequence[str | None], mesh: Mesh | None) -> Any:
-    """Put a host array (or a pytree of arrays with the same logical axes, like an int8 QuantizedWeight's
-    values and scales) on the device(s): with a mesh, each addressable device receives only its shard, so
-    no device ever holds a full copy of a sharded tensor."""
+    """Put a host array (or a pytree of arrays with the same logical axes, like a QuantizedWeight's values,
+    scales and offsets) on the device(s): with a mesh, each addressable device receives only its shard, so
+    no device ever holds a full copy of a sharded tensor.
+
+    An int4 weight's bytes and its groups' scales must split alike along the group axis, or a device would
+    hold bytes whose scales are elsewhere: a mesh axis that divides the one but not the other is refused."""
     if mesh is None:
         return jax.device_put(array)
+    if isinstance(array, QuantizedWeight) and array.bits == 4:
+        values, scale = (logical_spec(axes, a.shape, dict(mesh.shape)) for a in (array.values, array.scale))
+        if values != scale:
+            raise ConfigError(f"an int4 weight of axes {tuple(axes)} and shape {array.shape} splits its bytes as "
+                              f"{values} but its {array.scale.shape} group scales as {scale}: choose mesh axis "
+                              "sizes that divide the number of groups of 32")
 
     def one(a: np.ndarray) -> jax.Array:
         return jax.make_array_from_callback(a.shape, named_sharding(mesh, axes, a.shape), lambda index: a[index])

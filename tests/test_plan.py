@@ -28,6 +28,15 @@ def test_plan_matches_the_bytes_of_a_sharded_model():
         assert expected.cache_per_device == on_first_device(cache.k + cache.v, mesh)
 
 
+def test_int4_plan_matches_the_bytes_of_a_sharded_model():
+    """int4 at the small preset (tiny's expert FFN of 32 is one group, which tensor=2 cannot split): packed bytes,
+    float16 group scales, bfloat16 for the rest, as the arrays on device 0 hold them."""
+    mesh = qj.make_mesh(expert=2, tensor=2)
+    model = qj.random_model("small", dtype="int4", max_seq_len=64, mesh=mesh)
+    expected = plan(model.config, {"expert": 2, "tensor": 2}, "int4", context=64, batch=1)
+    assert expected.params_per_device == on_first_device(jax.tree.leaves(model.params), mesh)
+
+
 def test_plan_of_the_30b_shape_by_arithmetic():
     """bf16 on one device: every param at 2 bytes; the cache 2 (k, v) x layers x kv heads x head_dim x 2 bytes
     per token and row."""

@@ -1,7 +1,7 @@
 """Checkpoint readers. Each format supplies, per param name, a function building that tensor in numpy;
-`materialize` walks the param specs, builds each tensor (quantizing it for int8) and puts it on the device
-before the next. Each reader counts the bytes it has read from its files (`FileReader`), which is what the
-loading bar shows."""
+`materialize` walks the param specs, builds each tensor (quantizing it for int8 and int4) and puts it on the
+device before the next. Each reader counts the bytes it has read from its files (`FileReader`), which is what
+the loading bar shows."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from tqdm import tqdm
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
 from qwen3moe_jax.model import Params, ParamSpec, param_name, param_specs
-from qwen3moe_jax.quant import host_param
+from qwen3moe_jax.quant import INT4, QuantizedWeight, host_param
 from qwen3moe_jax.sharding import place
 
-TensorSource = Callable[[Any], np.ndarray]  # numpy dtype -> array in our layout
+# numpy dtype -> array in our layout; a source may hand out an int4 weight as its file stores it instead.
+TensorSource = Callable[[Any], np.ndarray | QuantizedWeight]
 
 
 class FileReader(Protocol):
@@ -57,13 +58,13 @@ def materialize(
 ) -> Params:
     """Build the params pytree tensor by tensor, checking each shape against its spec. Each tensor goes to
     the device (or, with a mesh, straight into its shards) before the next is read, so host memory holds
-    about one tensor at a time. For int8 each tensor is read in float32 and quantized on the host
-    (quant.host_param) on its way. A tensor holding NaN or infinity is refused by name (`checkpoint` names
-    the file in errors)."""
+    about one tensor at a time. For int8 and int4 each tensor is read in float32 and quantized on the host
+    (quant.host_param) on its way, unless its source hands out int4 as stored (GGUF Q4_0 / Q4_K blocks). A tensor
+    holding NaN or infinity is refused by name (`checkpoint` names the file in errors)."""
     specs = param_specs(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
     np_dtype = np.dtype(dtype)
-    read_dtype = np.dtype(np.float32) if np_dtype == np.int8 else np_dtype
+    read_dtype = np.dtype(np.float32) if np_dtype in (np.int8, INT4) else np_dtype
     leaves = []
     with tqdm(total=reader.total_bytes, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
         for path, spec in flat:
@@ -78,10 +79,19 @@ def materialize(
                 raise CheckpointError(
                     f"{checkpoint}: tensor for {name} has shape {array.shape}, but the config implies {spec.shape}"
                 )
-            # min and max pass over the tensor without allocating, and either is NaN or inf when one value is.
-            if array.size and not (math.isfinite(float(array.min())) and math.isfinite(float(array.max()))):
+            if not _all_finite(array):
                 raise CheckpointError(f"{checkpoint}: the weights of {name} hold NaN or infinite values")
             leaves.append(place(host_param(name, spec.axes, array, np_dtype), spec.axes, mesh))
             del array
             bar.update(reader.bytes_read - bar.n)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _all_finite(array: np.ndarray | QuantizedWeight) -> bool:
+    """No NaN or infinity in a tensor (for int4 kept as stored, in its scales and offsets). min and max pass
+    over the values without allocating, and either is NaN or inf when one value is."""
+    parts = [array.scale, array.offset] if isinstance(array, QuantizedWeight) else [array]
+    return all(
+        a.size == 0 or (math.isfinite(float(a.min())) and math.isfinite(float(a.max())))
+        for a in parts if a is not None
+    )

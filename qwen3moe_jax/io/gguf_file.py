@@ -25,12 +25,15 @@ from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError, ConfigError
 from qwen3moe_jax.io import check_layers
 from qwen3moe_jax.model import named_leaves, param_specs
+from qwen3moe_jax.quant import GROUP, QuantizedWeight, int4_from_gguf_blocks
 from qwen3moe_jax.tokenizer import GGUFVocab, Tokenizer
 
 ARCH = "qwen3moe"
 Q = GGMLQuantizationType
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
-WRITABLE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0}
+WRITABLE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+INT4_TYPES = {Q.Q4_0, Q.Q4_K}  # 4-bit types whose blocks dtype="int4" keeps as stored (quant.int4_from_gguf_blocks)
 # Limits of what this loader reads, far above any qwen3moe file (3 arrays of about 152k tokens and merges,
 # 3 + 14 tensors a layer), so that even a consistent but hostile file costs bounded time and memory (each
 # array element read becomes a Python object: about 36 to 80 bytes).
@@ -472,7 +475,7 @@ def write_gguf(
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_expert_count(c.num_experts)
     writer.add_expert_used_count(c.num_experts_per_tok)
-    writer.add_file_type({"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7}[qtype])
+    writer.add_file_type(FILE_TYPES[qtype])
     if tokenizer is not None:
         _add_tokenizer(writer, config, tokenizer)
     for name, array in named_arrays.items():
@@ -506,3 +509,21 @@ def _add_tokenizer(writer: GGUFWriter, config: ModelConfig, tokenizer: Tokenizer
     writer.add_add_bos_token(False)  # Qwen prompts start without a BOS token
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def int4_from_gguf(tensor: QuantizedTensor, name: str, shape: tuple[int, ...], axis: int) -> QuantizedWeight:
+    """A Q4_0 / Q4_K tensor as an int4 weight in our layout (param `name` of float shape `shape`, groups along
+    `axis`), its numbers kept: the blocks are taken apart along GGUF's rows, then every array is laid out as
+    from_gguf_layout lays out the float tensor, with the group axis at its packed and its grouped length."""
+    try:
+        weight = int4_from_gguf_blocks(tensor.blocks, tensor.qtype, -1)
+    except CheckpointError as err:
+        raise CheckpointError(f"tensor {tensor.name!r}: {err}") from None
+
+    def ours(array: np.ndarray, per: int) -> np.ndarray:
+        part = list(shape)
+        part[axis] //= per
+        return np.ascontiguousarray(from_gguf_layout(name, array, tuple(part)))
+
+    offset = None if weight.offset is None else ours(weight.offset, GROUP)
+    return QuantizedWeight(ours(weight.values, 2), ours(weight.scale, GROUP), offset)
