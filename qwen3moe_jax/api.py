@@ -35,7 +35,7 @@ from qwen3moe_jax.io.hf import (
     read_hf_tokenizer,
     write_hf,
 )
-from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
+from qwen3moe_jax.model import Params, check_moe_kernel, init_params, named_leaves, param_specs
 from qwen3moe_jax.quant import QuantizedWeight, dequantize
 from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
@@ -199,6 +199,7 @@ def load(
     max_seq_len: int | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    moe_kernel: str = "auto",
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
@@ -209,16 +210,20 @@ def load(
     norms, routers, activations and KV cache are bfloat16.
 
     With a mesh (`make_mesh`), every tensor is placed straight into its shards as it is read, and the model
-    runs sharded over the mesh (see sharding.py)."""
+    runs sharded over the mesh (see sharding.py).
+
+    moe_kernel names how the MoE blocks run, one of model.MOE_KERNELS; "auto" reads only the chosen experts'
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model.py."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
+    check_moe_kernel(moe_kernel)  # a bad name fails before the read
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if is_gguf_file(path):
-        return _load_gguf(path, dtype, max_seq_len, progress, mesh)
+        return _load_gguf(path, dtype, max_seq_len, progress, mesh, moe_kernel)
     if not is_hf_dir(path):
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory with a config.json")
-    config = read_hf_config(path)
+    config = read_hf_config(path).replace(moe_kernel=moe_kernel)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
         params = materialize(config, lambda name: hf_tensor_source(name, config, reader), dtype, progress,
@@ -226,9 +231,10 @@ def load(
     return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh)
 
 
-def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None) -> Model:
+def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None,
+               moe_kernel: str) -> Model:
     tensors = GGUFTensors(path)
-    config = read_gguf_config(tensors)
+    config = read_gguf_config(tensors).replace(moe_kernel=moe_kernel)
     tokenizer = read_gguf_tokenizer(tensors)
     shapes = named_leaves(param_specs(config))
 
@@ -271,12 +277,15 @@ def random_model(
     max_seq_len: int | None = None,
     std: float = 0.02,
     mesh: Mesh | None = None,
+    moe_kernel: str | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
-    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype as
-    for `load` ("int8" included)."""
+    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype and
+    moe_kernel as for `load` ("int8" included; moe_kernel None keeps the config's, "auto" by default)."""
     if isinstance(config, str):
         config = preset(config)
+    if moe_kernel is not None:
+        config = config.replace(moe_kernel=check_moe_kernel(moe_kernel))
     params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None

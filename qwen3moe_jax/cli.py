@@ -16,6 +16,7 @@ from qwen3moe_jax import bench
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset, preset_names
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
+from qwen3moe_jax.model import MOE_KERNELS
 from qwen3moe_jax.sampling import SamplingParams
 
 
@@ -25,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                      "(default: the bundled small model)")
     src.add_argument("--preset", choices=preset_names(), help="random weights at a named shape (configs/)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto",
+                   help="how the MoE blocks run (see qwen3moe_jax/model.py); auto: only the chosen experts' weights "
+                        "at decode, whole blocks per expert at prefill, ragged_dot on TPU (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
     p.add_argument("--layers", type=int, help="with --preset: keep only its first N layers (a smaller model of the "
@@ -93,7 +97,8 @@ def build_model(args: argparse.Namespace) -> Model:
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
     if not args.preset:
-        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh)
+        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
+                     moe_kernel=args.moe_kernel)
     else:
         config = preset(args.preset)
         if args.layers is not None:
@@ -101,7 +106,8 @@ def build_model(args: argparse.Namespace) -> Model:
                 raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
             config = config.replace(num_layers=args.layers)
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
-        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh)
+        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh,
+                             moe_kernel=args.moe_kernel)
     where = f" over a mesh of {dict(mesh.shape)}" if mesh is not None else ""
     _status(f"loaded in {time.perf_counter() - start:.1f}s{where}")
     return model
