@@ -29,16 +29,21 @@ def experts_swiglu_pallas(p: MoEParams, rows: jax.Array, row_expert: jax.Array, 
     M, X = rows.shape[0], group_sizes.shape[0]
     b = min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (max(1, M // X).bit_length() - 1)))
     blocks, block_expert, slot = expert_blocks(rows, row_expert, group_sizes, b)
-    h = jax.nn.silu(grouped_matmul(blocks, block_expert, p.gate)) * grouped_matmul(blocks, block_expert, p.up)
-    out = grouped_matmul(h.astype(rows.dtype), block_expert, p.down)
+    # The blocks that hold rows; the rest (the static count allows for every split of the rows) are skipped.
+    used = jnp.sum(-(-group_sizes // b), keepdims=True).astype(jnp.int32)
+    h = jax.nn.silu(grouped_matmul(blocks, block_expert, used, p.gate))
+    h = h * grouped_matmul(blocks, block_expert, used, p.up)
+    out = grouped_matmul(h.astype(rows.dtype), block_expert, used, p.down)
     return out.astype(rows.dtype).reshape(-1, rows.shape[1]).at[slot].get(mode="fill", fill_value=0)
 
 
-def grouped_matmul(blocks: jax.Array, block_expert: jax.Array, w: jax.Array | QuantizedWeight) -> jax.Array:
-    """blocks [n, b, K] times w [experts, K, N] at each block's expert -> float32 [n, b, N]."""
+def grouped_matmul(blocks: jax.Array, block_expert: jax.Array, used: jax.Array,
+                   w: jax.Array | QuantizedWeight) -> jax.Array:
+    """blocks [n, b, K] times w [experts, K, N] at each block's expert -> float32 [n, b, N]; blocks from used[0]
+    on come out zero without reading any weight."""
     if isinstance(w, QuantizedWeight):
-        return _grouped_matmul(blocks, block_expert, w.values) * w.scale[block_expert]  # scale [n, 1, N]
-    return _grouped_matmul(blocks, block_expert, w)
+        return _grouped_matmul(blocks, block_expert, used, w.values) * w.scale[block_expert]  # scale [n, 1, N]
+    return _grouped_matmul(blocks, block_expert, used, w)
 
 
 def _tile(n: int, cap: int) -> int:
@@ -50,13 +55,13 @@ def _tile(n: int, cap: int) -> int:
 
 
 @jax.jit
-def _grouped_matmul(blocks: jax.Array, block_expert: jax.Array, w: jax.Array) -> jax.Array:
+def _grouped_matmul(blocks: jax.Array, block_expert: jax.Array, used: jax.Array, w: jax.Array) -> jax.Array:
     n, b, K = blocks.shape
     N = w.shape[-1]
     bk, bn = _tile(K, K_TILE), _tile(N, N_TILE)
     precision = jax.lax.Precision.HIGHEST if blocks.dtype == jnp.float32 else None
 
-    def kernel(expert_ref, x_ref, w_ref, out_ref):
+    def kernel(expert_ref, used_ref, x_ref, w_ref, out_ref):
         i, j = pl.program_id(0), pl.program_id(1)
         e = expert_ref[i]
 
@@ -65,7 +70,13 @@ def _grouped_matmul(blocks: jax.Array, block_expert: jax.Array, w: jax.Array) ->
             wt = w_ref[e, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)].astype(x.dtype)
             return acc + jnp.dot(x, wt, precision=precision, preferred_element_type=jnp.float32)
 
-        out_ref[...] = jax.lax.fori_loop(0, K // bk, step, jnp.zeros((b, bn), jnp.float32))
+        @pl.when(i < used_ref[0])
+        def _() -> None:
+            out_ref[...] = jax.lax.fori_loop(0, K // bk, step, jnp.zeros((b, bn), jnp.float32))
+
+        @pl.when(i >= used_ref[0])
+        def _() -> None:
+            out_ref[...] = jnp.zeros((b, bn), jnp.float32)
 
     return pl.pallas_call(
         kernel,
@@ -73,10 +84,11 @@ def _grouped_matmul(blocks: jax.Array, block_expert: jax.Array, w: jax.Array) ->
         grid=(n, N // bn),
         in_specs=[
             pl.no_block_spec,  # each block's expert id: read whole
+            pl.no_block_spec,  # the number of blocks that hold rows
             pl.BlockSpec((None, b, K), lambda i, j: (i, 0, 0)),  # this block's rows
             pl.no_block_spec,  # the weights: indexed in the kernel by the block's expert
         ],
         out_specs=pl.BlockSpec((None, b, bn), lambda i, j: (i, 0, j)),
         interpret=jax.default_backend() != "gpu",
-    )(block_expert.astype(jnp.int32), blocks, w)
+    )(block_expert.astype(jnp.int32), used, blocks, w)
 
