@@ -15,6 +15,7 @@ from pathlib import Path
 from qwen3moe_jax import bench
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset, preset_names
+from qwen3moe_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
 from qwen3moe_jax.model import MOE_KERNELS
 from qwen3moe_jax.sampling import SamplingParams
@@ -31,6 +32,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "at decode, whole blocks per expert at prefill, ragged_dot on TPU (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prefill prompts in chunks of this many tokens, a power of two (default: %(default)s)")
+    p.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS,
+                   help="decode steps per device call (default: %(default)s)")
     p.add_argument("--layers", type=int, help="with --preset: keep only its first N layers (a smaller model of the "
                                               "same layer shape)")
     p.add_argument("--mesh", default="", help="shard over a device mesh, e.g. 'expert=8' or 'data=2,expert=2,"
@@ -96,9 +101,11 @@ def build_model(args: argparse.Namespace) -> Model:
     start = time.perf_counter()
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
+    engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
+                       decode_steps=args.decode_steps)
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
-                     moe_kernel=args.moe_kernel)
+                     **engine_args, moe_kernel=args.moe_kernel)
     else:
         config = preset(args.preset)
         if args.layers is not None:
@@ -106,7 +113,7 @@ def build_model(args: argparse.Namespace) -> Model:
                 raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
             config = config.replace(num_layers=args.layers)
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
-        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh,
+        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh, **engine_args,
                              moe_kernel=args.moe_kernel)
     where = f" over a mesh of {dict(mesh.shape)}" if mesh is not None else ""
     _status(f"loaded in {time.perf_counter() - start:.1f}s{where}")
@@ -155,11 +162,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Measured with scripts/load_test.py on the bundled model, 2 CPU cores (README, "Batched generation").
+DEFAULT_MAX_BATCH = 8
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
     model = build_model(args)
-    serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens)
+    serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens,
+          args.max_queue)
     return 0
 
 
@@ -215,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", help="the model id clients ask for (default: file or preset name)")
     srv.add_argument("--warmup-tokens", type=int, default=256,
                      help="compile prefill for prompts up to this length before serving")
+    srv.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                     help="requests that share each decode step (KV-cache rows) (default: %(default)s)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for a row; more get 503 with Retry-After (default: %(default)s)")
     srv.set_defaults(func=cmd_serve)
 
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "

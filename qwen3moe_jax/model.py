@@ -260,8 +260,13 @@ def attention(
 
 
 def write_cache(cache: Array, new: Array, start: Array) -> Array:
-    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
+    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row.
+
+    Slots at or past S are dropped, not clamped: the engine parks rows that must not change (free rows,
+    rows part-way through their prompt) at position S, and a prompt's last chunk may run past the end."""
+    B, _, T, _ = new.shape
+    slots = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
+    return cache.at[jnp.arange(B)[:, None], :, slots].set(new.transpose(0, 2, 1, 3), mode="drop")
 
 
 def mlp(p: MLPParams, x: Array) -> Array:
@@ -483,8 +488,8 @@ def forward(
     Returns the final-normed hidden states, the updated cache and, per layer, the router logits
     [B, T, experts] (None for a dense layer). Callers that drop the router logits pay nothing for them:
     jit removes outputs nobody reads. The caller guarantees start + T <= cache length
-    (dynamic_update_slice would otherwise clamp) and, with a `window` (a static attention span; default
-    the whole cache), start + T <= window.
+    for the tokens whose keys matter (slots past the cache are dropped) and, with a `window` (a static
+    attention span; default the whole cache), start + T <= window for the tokens whose outputs matter.
     """
     T = tokens.shape[1]
     window = cache.max_len if window is None else window

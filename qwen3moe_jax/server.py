@@ -4,12 +4,12 @@ streamed as server-sent events or returned whole, /v1/models, /health and /metri
     qwen3moe-jax serve --model FILE.gguf --port 8000
 
 How a request runs: the handler validates it (pydantic models below, then SamplingParams and the
-engine's checks), so a bad request gets an OpenAI-style error before anything is queued. The request's
-lazy event stream is handed to `Worker`, one thread that runs requests one after another through the
-model's single KV cache (the engine's batch rows could carry several streams in one decode step; this
-server does not batch yet). The worker passes each event to the request's asyncio queue; the response
-reads from it. When a streaming client goes away, Starlette cancels the response, which marks the
-request cancelled; the generation loop's on_token callback then returns False at the next token.
+engine's checks), so a bad request gets an OpenAI-style error before anything is queued. The checked
+request goes to the model's scheduler (scheduler.py), whose loop runs on one thread of its own (`Worker`):
+up to --max-batch requests share each decode step, and up to --max-queue wait for a row; beyond that a
+request gets 503 with Retry-After. The loop passes each event to the request's asyncio queue; the response
+reads from it. When a client goes away, the response cancels its request, whose row is freed at the next
+step without disturbing the others. /metrics serves Prometheus text (prometheus_client).
 """
 
 from __future__ import annotations
@@ -18,25 +18,27 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import queue
 import secrets
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from qwen3moe_jax import scheduler as sched
 from qwen3moe_jax.api import Model
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.scheduler import Emit, QueueFull, Scheduler
 
 FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
                   "cache_full": "length"}
@@ -104,12 +106,13 @@ CompletionRequest.model_rebuild()
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
+        return JSONResponse(status_code=self.status, headers=self.headers, content={"error": {
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
 
 
@@ -117,16 +120,15 @@ class ApiError(Exception):
 
 @dataclasses.dataclass
 class Job:
-    """One request in flight: its lazy event stream, and the queue its response reads from."""
+    """One request in flight: the scheduler's request, and the queue its response reads from."""
 
     loop: asyncio.AbstractEventLoop
+    request: sched.Request
     out: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    events: Iterator[Event] | None = None
 
     def put(self, item: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.out.put_nowait, _DONE if item is None else item)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
 
@@ -134,54 +136,77 @@ class Job:
 _DONE = object()
 
 
-class Worker:
-    """Runs queued requests one at a time on a thread of its own, off the event loop."""
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
 
-    def __init__(self) -> None:
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.decoded_tokens = 0
-        self.finished = 0
-        self.cancelled = 0
-        self.running = 0
-        threading.Thread(target=self._run, name="generation", daemon=True).start()
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        running = Gauge("qwen3moe_requests_running", "Requests holding a KV-cache row", registry=self.registry)
+        running.set_function(lambda: scheduler.running)
+        waiting = Gauge("qwen3moe_requests_waiting", "Requests waiting for a row", registry=self.registry)
+        waiting.set_function(lambda: scheduler.queued)
+        self.generated = Counter("qwen3moe_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.ttft = Histogram("qwen3moe_time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.itl = Histogram("qwen3moe_inter_token_latency_seconds", "Between a request's consecutive tokens",
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=self.registry)
 
-    def on_token_for(self, job: Job):
-        def on_token(token: int) -> bool:
-            self.decoded_tokens += 1
-            return not job.cancelled.is_set()
+    def watch(self, job: Job) -> Emit:
+        """The emitter of job's request: passes its events on and records them."""
+        arrived, last = time.perf_counter(), None
 
-        return on_token
-
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            self.running = 1
-            try:
-                if not job.cancelled.is_set():
-                    for event in job.events:
-                        job.put(event)
-            except Exception as err:  # reported to the client; the worker keeps serving
-                job.put(err)
-            finally:
-                job.events.close()
-                if job.cancelled.is_set():
-                    self.cancelled += 1
+        def emit(item: Any) -> None:
+            nonlocal last
+            if isinstance(item, Event):
+                now = time.perf_counter()
+                if last is None:
+                    self.prompt.inc(len(job.request.prompt))
+                    self.ttft.observe(now - arrived)
                 else:
-                    self.finished += 1
-                self.running = 0
-                job.put(_DONE)
+                    self.itl.observe(now - last)
+                last = now
+                self.generated.inc()
+            job.put(item)
 
-    def metrics(self) -> dict[str, int]:
-        return {"decoded_tokens": self.decoded_tokens, "requests_finished": self.finished,
-                "requests_cancelled": self.cancelled, "requests_running": self.running,
-                "requests_queued": self.jobs.qsize()}
+        return emit
+
+
+class Worker:
+    """Runs the scheduler's loop on a thread of its own, off the event loop, until stopped."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=scheduler.serve_forever, args=(self.stopped,), name="generation",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=30)
 
 
 # ----------------------------------------------------------------------------------------------- the app
 
-def create_app(model: Model, model_name: str) -> FastAPI:
-    app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None)
-    worker = Worker()
+def create_app(model: Model, model_name: str, max_queue: int | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The app over model's scheduler, whose loop runs while the app does; max_queue bounds the requests
+    waiting for a KV-cache row (None: the scheduler's own setting); on_shutdown runs after the loop stops."""
+    scheduler = model.scheduler
+    if max_queue is not None:
+        scheduler.max_queue = max_queue
+    metrics = Metrics(scheduler)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker = Worker(scheduler)
+        yield
+        worker.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -212,8 +237,8 @@ def create_app(model: Model, model_name: str) -> FastAPI:
         return {"status": "ready", "model": model_name}  # the app only starts serving once compiled
 
     @app.get("/metrics")
-    async def metrics() -> dict[str, int]:
-        return worker.metrics()
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -240,14 +265,18 @@ def create_app(model: Model, model_name: str) -> FastAPI:
             raise ApiError(400, str(err), code="invalid_value") from err
 
     async def start(prompt: str | list[int], params: SamplingParams, param: str) -> Job:
-        job = Job(asyncio.get_running_loop())
         try:
-            job.events = model.stream(prompt, sampling=params, on_token=worker.on_token_for(job))
+            job = Job(asyncio.get_running_loop(), model.request(prompt, params))
         except ContextLengthError as err:
             raise ApiError(400, str(err), param, "context_length_exceeded") from err
         except Qwen3MoeError as err:
             raise ApiError(400, str(err), param, "invalid_value") from err
-        worker.jobs.put(job)
+        job.request.emit = metrics.watch(job)
+        try:
+            scheduler.submit(job.request)
+        except QueueFull as err:
+            raise ApiError(503, f"the server is busy: {err}; retry shortly", kind="server_error",
+                           code="server_busy", headers={"Retry-After": "1"}) from err
         return job
 
     @app.post("/v1/chat/completions")
@@ -268,14 +297,14 @@ def create_app(model: Model, model_name: str) -> FastAPI:
         except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
             raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
         job = await start(prompt, params, "messages")
-        return await _respond(job, body, chat=True, name=model_name, tokenizer=model.tokenizer)
+        return await _respond(job, body, chat=True, name=model_name, tokenizer=model.tokenizer, scheduler=scheduler)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         check_model(body.model)
         params = sampling(body, body.max_tokens, body.logprobs)
         job = await start(body.prompt, params, "prompt")
-        return await _respond(job, body, chat=False, name=model_name, tokenizer=model.tokenizer)
+        return await _respond(job, body, chat=False, name=model_name, tokenizer=model.tokenizer, scheduler=scheduler)
 
     return app
 
@@ -297,22 +326,24 @@ async def _events(job: Job) -> AsyncIterator[Event]:
         yield item
 
 
-async def _respond(job: Job, body: _Request, chat: bool, name: str, tokenizer):
+async def _respond(job: Job, body: _Request, chat: bool, name: str, tokenizer, scheduler: Scheduler):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     shape = _Shape(request_id, name, chat, tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(shape, job, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_sse(shape, job, include_usage, scheduler), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events = []
     try:
         events = [event async for event in _events(job)]
     except Exception as err:
         return ApiError(500, f"generation failed: {err}", kind="server_error").response()
+    finally:
+        scheduler.cancel(job.request)  # a no-op once it ended; frees the row if the handler was cancelled
     return shape.whole(events)
 
 
-async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(shape: _Shape, job: Job, include_usage: bool, scheduler: Scheduler) -> AsyncIterator[str]:
     """The response body of a streaming request. Starlette stops iterating it when the client has gone
     (a send fails, or its disconnect listener fires); the finally clause then cancels the job."""
 
@@ -333,7 +364,7 @@ async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[st
         yield data({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
                               "code": None}})
     finally:
-        job.cancelled.set()  # a no-op once the job is done
+        scheduler.cancel(job.request)  # a no-op once the request ended
     yield "data: [DONE]\n\n"
 
 
@@ -403,38 +434,28 @@ def _usage(usage) -> dict[str, int]:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int) -> None:
-    """Compile for prompts up to warmup_tokens (one prefill per length bucket) and decode, then serve.
+def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int,
+          max_queue: int | None = None) -> None:
+    """Compile for prompts up to warmup_tokens (every prefill chunk shape they use) and decode, then serve.
     Under multi-host every process warms up alike; process 0 serves and the others follow its steps."""
     import jax
     import uvicorn
 
     from qwen3moe_jax import multihost
-    from qwen3moe_jax.engine import bucket_length
 
     leader = jax.process_index() == 0
     start = time.perf_counter()
-    limit = min(warmup_tokens, model.max_seq_len - 1)
-    length = 1
-    while length <= limit:  # one prompt per prefill bucket, 16, 32, ... up to the one holding `limit`
-        bucket = bucket_length(length, model.max_seq_len)
-        if leader:
-            print(f"[compiling prefill for prompts of up to {bucket} tokens]", file=sys.stderr, flush=True)
-        model.engine.warmup(min(bucket, model.max_seq_len - 1))
-        length = bucket + 1
+    if leader:
+        print(f"[compiling prefill for prompts of up to {warmup_tokens} tokens, and decode]", file=sys.stderr,
+              flush=True)
+    model.engine.warmup(warmup_tokens, None, all_buckets=True)
     if not leader:
         multihost.follow(model.engine)
         return
-    print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port}]",
-          file=sys.stderr, flush=True)
-    app = create_app(model, model_name)
+    print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port} "
+          f"with up to {model.max_batch} requests per decode step]", file=sys.stderr, flush=True)
+    on_shutdown = None
     if jax.process_count() > 1:
-        model.engine.leading = True
-
-        @contextlib.asynccontextmanager
-        async def release_followers(_: FastAPI) -> AsyncIterator[None]:
-            yield
-            multihost.shutdown()  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
-
-        app.router.lifespan_context = release_followers
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+        model.scheduler.call = multihost.leader_call(model.engine)
+        on_shutdown = multihost.shutdown  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
+    uvicorn.run(create_app(model, model_name, max_queue, on_shutdown), host=host, port=port, log_level="warning")
