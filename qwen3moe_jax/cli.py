@@ -176,6 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "gpu":
+        return _gpu_suite(args)
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the whole run
         raise Qwen3MoeError(f"--json: the folder of {args.json} does not exist")
     model = build_model(args)
@@ -187,6 +189,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         _status(f"wrote {args.json}")
+    return 0
+
+
+def _gpu_suite(args: argparse.Namespace) -> int:
+    from qwen3moe_jax import gpu_suite
+
+    if args.model:
+        raise ConfigError("--suite gpu draws random weights at a --preset (default qwen3-30b-a3b), not --model")
+    report = gpu_suite.run_suite(args, _status)
+    json_path, md_path = gpu_suite.write_report(report, args.out_dir)
+    print(md_path.read_text())
+    _status(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -248,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     bch.add_argument("--compare", choices=["hf"], help="hf: run transformers on the same weights and report ratios")
     bch.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    suite = bch.add_argument_group("--suite gpu (scripts/gpu_check.sh): weights drawn on the device, every MoE kernel, "
+                                   "each dtype, transformers on the first layers; writes OUT_DIR/<device>-<date>.json "
+                                   "and .md")
+    suite.add_argument("--suite", choices=["gpu"], help="run the GPU check suite (at --preset, default qwen3-30b-a3b)")
+    suite.add_argument("--suite-dtypes", type=lambda t: [d for d in t.split(",") if d], default=None,
+                       help="comma-separated dtypes (default: bfloat16 and every quantized dtype of --dtype's choices)")
+    suite.add_argument("--out-dir", default="benchmarks", help="where the suite writes (default: %(default)s)")
+    suite.add_argument("--hf-layers", type=int, default=16, help="layers of the transformers comparison "
+                                                                 "(default: %(default)s)")
     bch.set_defaults(func=cmd_bench)
 
     pln = sub.add_parser("plan", help="per-device memory of params and KV cache on a mesh, nothing allocated")
