@@ -54,9 +54,14 @@ def llamacpp_rate(llm, prompt: list[int], tokens: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def breakdown(model: qj.Model, window: int, kernels: list[str], repeats: int = 200) -> None:
-    """Median seconds of each piece of a batch-1 decode step, each jitted alone on the model's weights."""
-    from qwen3moe_jax.model import attention, lm_logits, moe, rms_norm
+def breakdown(model: qj.Model, window: int, kernels: list[str], per_token_ms: dict[str, float],
+              repeats: int = 300) -> None:
+    """Median time of each piece of a batch-1 decode step, each jitted alone on the model's weights, and of the
+    whole step (forward over every layer + lm_head + sampling) as one jit call; all timed interleaved, round
+    after round, so load from other processes hits every piece alike. per_token_ms: the measured ms/token of
+    each kernel's full decode, for the time outside the step (host loop, dispatch, the token's host read)."""
+    from qwen3moe_jax.cache import KVCache
+    from qwen3moe_jax.model import attention, forward, lm_logits, moe, rms_norm
     from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
 
     c, p = model.config, model.params
@@ -66,33 +71,48 @@ def breakdown(model: qj.Model, window: int, kernels: list[str], repeats: int = 2
     sampler = SamplerState.from_params([SamplingParams()])
     history = jnp.zeros((1, window), jnp.int32)
     logits = jnp.zeros((1, c.vocab_size), jnp.float32)
-
-    def time_it(f, *args) -> float:
-        f = jax.jit(f)
-        jax.block_until_ready(f(*args))
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            runs.append(time.perf_counter() - start)
-        return statistics.median(runs)
-
+    cache = KVCache.init(c, 1, window, jnp.float32)
     layer = p.layers[0]
+
+    def whole_step(cfg):
+        def step(tokens, cache):
+            hidden, cache, _ = forward(p, tokens, pos[:, 0], cache, cfg, window)
+            return sample(lm_logits(p, hidden[:, 0]), sampler, history, pos[:, 0] + 1), cache
+        return step
+
     pieces = {
-        "attention over the window (one layer)": time_it(
-            lambda x, kc, vc: attention(layer.attn, rms_norm(x, layer.attn_norm, c.rms_norm_eps), pos, kc, vc, c,
-                                        window)[0], x, k_cache, k_cache),
-        "lm_head + final norm": time_it(lambda x: lm_logits(p, rms_norm(x, p.final_norm, c.rms_norm_eps)), x),
-        "sampling (greedy settings)": time_it(lambda lg, h: sample(lg, sampler, h, jnp.array([3])), logits, history),
-        "empty jit call (dispatch)": time_it(lambda x: x + 1, x),
+        "attention over a 256 window, 1 layer": (lambda x, kc: attention(
+            layer.attn, rms_norm(x, layer.attn_norm, c.rms_norm_eps), pos, kc, kc, c, window)[0], (x, k_cache)),
+        "final norm + lm_head": (lambda x: lm_logits(p, rms_norm(x, p.final_norm, c.rms_norm_eps)), (x,)),
+        "sampling": (lambda lg, h: sample(lg, sampler, h, jnp.array([3])), (logits, history)),
+        "an empty jit call": (lambda x: x + 1, (x,)),
     }
     for kernel in kernels:
         cfg = c.replace(moe_kernel=kernel)
-        pieces[f"MoE block, {kernel} (one layer)"] = time_it(lambda x, cfg=cfg: moe(layer.mlp, x, cfg)[0], x)
-    print(f"\nPieces of a batch-1 decode step (median of {repeats}, each its own jit call, so each includes one "
-          "dispatch):")
-    for name, seconds in pieces.items():
-        print(f"  {name:45s} {seconds * 1e3:8.3f} ms")
+        pieces[f"MoE block, {kernel}, 1 layer"] = (lambda x, cfg=cfg: moe(layer.mlp, x, cfg)[0], (x,))
+        pieces[f"whole step, {kernel} (all layers, one jit)"] = (whole_step(cfg), (jnp.zeros((1, 1), jnp.int32), cache))
+    compiled = {name: (jax.jit(f), args) for name, (f, args) in pieces.items()}
+    for f, args in compiled.values():
+        jax.block_until_ready(f(*args))
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, (f, args) in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"\nPieces of a batch-1 decode step, median of {repeats} interleaved rounds (each piece its own jit call):")
+    for name, value in ms.items():
+        print(f"  {name:45s} {value:8.3f} ms")
+    L = c.num_layers
+    for kernel in kernels:
+        parts = L * (ms["attention over a 256 window, 1 layer"] + ms[f"MoE block, {kernel}, 1 layer"]) + \
+            ms["final norm + lm_head"] + ms["sampling"]
+        step = ms[f"whole step, {kernel} (all layers, one jit)"]
+        full = per_token_ms.get(kernel, float("nan"))
+        print(f"  {kernel}: {L} x (attention + MoE) + lm_head + sampling = {parts:.2f} ms; the whole step "
+              f"{step:.2f} ms; full decode {full:.2f} ms/token, so {full - step:.2f} ms outside the step "
+              "(host loop, dispatch, reads)")
 
 
 def main() -> None:
@@ -101,9 +121,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads")
-    parser.add_argument("--moe-kernels", default="auto,blocked", type=lambda t: t.split(","),
+    parser.add_argument("--moe-kernels", default="gather,blocked", type=lambda t: t.split(","),
                         help=f"ours with each of these MoE kernels ({', '.join(MOE_KERNELS)}), comma-separated "
-                             "(default: %(default)s: the gather that auto picks at decode, and the sorted blocks)")
+                             "(default: %(default)s: auto's choice at decode, and the sorted blocks)")
     parser.add_argument("--decode-steps", type=int, default=None, help="our decode steps per device call "
                                                                        "(default: the package's)")
     parser.add_argument("--breakdown", action="store_true")
@@ -137,6 +157,7 @@ def main() -> None:
             rates["llama.cpp"].append(llamacpp_rate(llm, prompt, args.tokens))
         llm.close()
     theirs = statistics.median(rates["llama.cpp"])
+    per_token_ms = {k: 1e3 / statistics.median(r) for k, r in rates.items()}
     print(f"greedy f32 decode, {args.tokens} tokens after {len(prompt)}, median of {args.repeats} (interleaved); "
           f"ours with decode_steps {model.engine.decode_steps}, llama.cpp with {args.threads} threads:")
     for name, runs in rates.items():
@@ -145,7 +166,7 @@ def main() -> None:
         print(f"  {label:34s} {rate:8.1f} tokens/s  {1e3 / rate:6.2f} ms/token  ratio to llama.cpp "
               f"{rate / theirs:.2f}x  runs {[round(r) for r in runs]}")
     if args.breakdown:
-        breakdown(model, 256, ["gather", "blocked"])
+        breakdown(model, 256, [k for k in args.moe_kernels if k != "auto"] or ["gather"], per_token_ms)
 
 
 if __name__ == "__main__":
