@@ -147,6 +147,8 @@ class Metrics:
         waiting.set_function(lambda: scheduler.queued)
         self.generated = Counter("qwen3moe_generated_tokens", "Tokens generated", registry=self.registry)
         self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.finished = Counter("qwen3moe_requests_finished", "Requests ended, by how they ended", ["reason"],
+                                registry=self.registry)
         self.ttft = Histogram("qwen3moe_time_to_first_token_seconds", "From a request's arrival to its first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
         self.itl = Histogram("qwen3moe_inter_token_latency_seconds", "Between a request's consecutive tokens",
@@ -154,11 +156,16 @@ class Metrics:
 
     def watch(self, job: Job) -> Emit:
         """The emitter of job's request: passes its events on and records them."""
-        arrived, last = time.perf_counter(), None
+        arrived, last, reason = time.perf_counter(), None, None
 
         def emit(item: Any) -> None:
-            nonlocal last
-            if isinstance(item, Event):
+            nonlocal last, reason
+            if isinstance(item, Exception):
+                reason = "error"
+            elif item is None:  # the request is over: a request that ended without a last event was cancelled
+                self.finished.labels(reason or "cancelled").inc()
+            elif isinstance(item, Event):
+                reason = item.finish_reason
                 now = time.perf_counter()
                 if last is None:
                     self.prompt.inc(len(job.request.prompt))

@@ -131,8 +131,18 @@ def test_usage_chunk_and_done_marker(server):
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """/metrics (Prometheus text) as {name or name{labels}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {sample.name + "".join(f"{{{k}={v}}}" for k, v in sample.labels.items()): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def test_sse4_a_client_that_leaves_stops_generation(server):
-    before = httpx.get(f"{server}/metrics").json()
+    before = _metrics(server)
+    cancelled = "qwen3moe_requests_finished_total{reason=cancelled}"
     with httpx.stream("POST", f"{server}/v1/completions", json={
             "model": "tiny", "prompt": "a", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 1.0, "seed": 1,
             "stream": True}) as response:
@@ -140,13 +150,13 @@ def test_sse4_a_client_that_leaves_stops_generation(server):
         for _ in range(3):
             next(line for line in lines if line)
     deadline = time.time() + 30
-    while (after := httpx.get(f"{server}/metrics").json())["requests_running"] or \
-            after["requests_cancelled"] == before["requests_cancelled"]:
+    while (after := _metrics(server))["qwen3moe_requests_running"] or \
+            after.get(cancelled, 0) == before.get(cancelled, 0):
         assert time.time() < deadline, after
         time.sleep(0.05)
-    decoded = after["decoded_tokens"] - before["decoded_tokens"]
+    decoded = after["qwen3moe_generated_tokens_total"] - before["qwen3moe_generated_tokens_total"]
     print(f"SSE-4: the client left after 3 chunks; the server decoded {decoded} of {MAX_SEQ_LEN - 8} tokens")
-    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after[cancelled] == before.get(cancelled, 0) + 1
     assert decoded < (MAX_SEQ_LEN - 8) // 2
 
 
