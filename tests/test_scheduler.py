@@ -100,3 +100,32 @@ def test_the_wait_queue_is_bounded():
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
     with pytest.raises(QueueFull, match="max_queue 2"):
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
+
+
+def _penalised_greedy_numpy(model, prompt: list[int], new_tokens: int, penalty: float, last_n: int) -> list[int]:
+    """Greedy decoding with llama.cpp's repetition penalty written out in NumPy over the true history: at each
+    step, one full forward pass over prompt + generated tokens gives the logits, every distinct id among the
+    last `last_n` tokens of that history (the prompt included) has its logit divided by the penalty when
+    positive and multiplied by it otherwise, then the argmax."""
+    history = list(prompt)
+    for _ in range(new_tokens):
+        logits = model.logits(history)[-1].astype(np.float64)
+        window = set(history[len(history) - last_n:]) if last_n > 0 else set()
+        for token in window:
+            logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
+        history.append(int(np.argmax(logits)))
+    return history[len(prompt):]
+
+
+@pytest.mark.parametrize("last_n", [0, 1, 2, 4, 5, 7, 8, 64])
+def test_the_repetition_window_against_numpy_over_the_true_history(model, last_n):
+    """repeat_last_n from 0 (off) and 1 (the last token only) to more than the whole history, around the
+    prompt's length (6). A large penalty makes every token in the window lose; for this prompt the reference's
+    output changes between 0|1, 1|2, 4|5 and 7|8 (checked), so a window one token too long or too short at any
+    of those values fails."""
+    prompt = [7, 7, 12, 7, 30, 12]
+    sampling = qj.SamplingParams(max_new_tokens=12, repeat_penalty=50.0, repeat_last_n=last_n, stop_token_ids=())
+    ours = model.generate(prompt, sampling=sampling)
+    assert ours == _penalised_greedy_numpy(model, prompt, 12, 50.0, last_n)
+    if last_n in (1, 6):  # the windows of one and of the prompt do change what the model says
+        assert ours != model.generate(prompt, sampling=qj.SamplingParams(max_new_tokens=12, stop_token_ids=()))

@@ -54,7 +54,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def local():
     """The same weights in this process (the CLI's preset init), as the reference for what the server says."""
-    return qj.random_model("tiny", std=0.2, max_seq_len=MAX_SEQ_LEN)
+    return qj.random_model("tiny", std=0.2, max_seq_len=MAX_SEQ_LEN, max_batch=8)  # the server's --max-batch
 
 
 def test_health_and_models(server, client):
@@ -176,6 +176,66 @@ def test_concurrent_streams_each_get_their_own_tokens(client, local):
     for t in threads:
         t.join(timeout=120)
     assert results == alone
+
+
+# Issue 20.7: every request parameter over HTTP gives the tokens of the same SamplingParams via Model.complete.
+PROMPT = "def fibonacci(n):"
+PARAMETER_CASES = {  # name: (request fields, the SamplingParams fields they mean)
+    "temperature": ({"temperature": 0.7, "seed": 5}, dict(temperature=0.7, seed=5)),
+    "top_k": ({"temperature": 1.0, "top_k": 5, "seed": 6}, dict(temperature=1.0, top_k=5, seed=6)),
+    "top_p": ({"temperature": 1.0, "top_p": 0.5, "seed": 7}, dict(temperature=1.0, top_p=0.5, seed=7)),
+    "seed": ({"temperature": 1.0, "seed": 123}, dict(temperature=1.0, seed=123)),
+    "repetition_penalty": ({"temperature": 0, "repetition_penalty": 1.8}, dict(repeat_penalty=1.8)),
+    "repeat_last_n": ({"temperature": 0, "repetition_penalty": 1.8, "repeat_last_n": 3},
+                      dict(repeat_penalty=1.8, repeat_last_n=3)),
+    "stop": ({"temperature": 0, "stop": ["STOP"]}, dict(stop=("STOP",))),  # STOP is set from the text below
+    "logprobs": ({"temperature": 0, "logprobs": 3}, dict(logprobs=3)),
+    "max_tokens": ({"temperature": 0, "max_tokens": 7}, dict(max_new_tokens=7)),
+}
+
+
+def _parameter_cases(local):
+    """The cases, with the stop string cut from the middle of the greedy text so that it does stop it."""
+    greedy = local.complete(PROMPT, 24, stop_token_ids=local.config.eos_token_ids).text
+    stop = next(greedy[a:a + 2] for a in range(6, len(greedy) - 2) if greedy[a:a + 2] not in greedy[:a + 1])
+    cases = dict(PARAMETER_CASES, stop=({"temperature": 0, "stop": [stop]}, dict(stop=(stop,))))
+    return {name: (dict(fields), dict(settings)) for name, (fields, settings) in cases.items()}
+
+
+def _expected(local, settings):
+    sampling = qj.SamplingParams(**{"max_new_tokens": 24, **settings})
+    result = local.complete(PROMPT, sampling=sampling, stop_token_ids=local.config.eos_token_ids)
+    logprobs = [lp.logprob for lp in result.logprobs] if result.logprobs else None
+    return result.text, len(result.token_ids), {"stop_string": "stop", "eos": "stop"}.get(
+        result.finish_reason, "length"), logprobs
+
+
+def _over_http(server, fields):
+    reply = httpx.post(f"{server}/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 24, **fields}).json()
+    choice = reply["choices"][0]
+    logprobs = choice["logprobs"]["token_logprobs"] if choice["logprobs"] else None
+    return choice["text"], reply["usage"]["completion_tokens"], choice["finish_reason"], logprobs
+
+
+def test_every_request_parameter_over_http_gives_the_tokens_of_model_complete(server, local):
+    """Each parameter alone (one request at a time), then all of them at once sharing decode steps: the text,
+    token count, finish reason and logprobs of Model.complete with the same SamplingParams (the same weights,
+    the same max_batch-row engine, so float32 results agree bit for bit)."""
+    cases = _parameter_cases(local)
+    expected = {name: _expected(local, settings) for name, (_, settings) in cases.items()}
+    assert expected["stop"][2] == "stop" and expected["max_tokens"][1] == 7  # the cases do what they say
+    assert expected["seed"] != expected["temperature"]
+    for name, (fields, _) in cases.items():
+        assert _over_http(server, fields) == expected[name], name
+    together: dict[str, tuple] = {}
+    threads = [threading.Thread(target=lambda n=name, f=fields: together.__setitem__(n, _over_http(server, f)))
+               for name, (fields, _) in cases.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == expected
 
 
 CHAT = "/v1/chat/completions"
