@@ -169,9 +169,13 @@ DEFAULT_MAX_BATCH = 8
 def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
+    if args.api_key == "":
+        raise Qwen3MoeError("--api-key: the key must not be empty")
+    if args.max_request_bytes < 1:
+        raise Qwen3MoeError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     model = build_model(args)
     serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens,
-          args.max_queue)
+          args.api_key, args.max_request_bytes, args.max_queue)
     return 0
 
 
@@ -245,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests that share each decode step (KV-cache rows) (default: %(default)s)")
     srv.add_argument("--max-queue", type=int, default=64,
                      help="requests that may wait for a row; more get 503 with Retry-After (default: %(default)s)")
+    srv.add_argument("--api-key", default=os.environ.get("QWEN3MOE_JAX_API_KEY") or None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route (default: the environment "
+                          "variable QWEN3MOE_JAX_API_KEY, which keeps the key out of the process list; "
+                          "neither: no key)")
+    # The default is server.DEFAULT_MAX_REQUEST_BYTES, written out: server.py loads fastapi, only for serve.
+    srv.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                     help="larger request bodies get 413 (default: %(default)s, 4 MiB)")
     srv.set_defaults(func=cmd_serve)
 
     bch = sub.add_parser("bench", help="measure compile times, prefill, time to first token, decode and memory "

@@ -1,15 +1,31 @@
 """An OpenAI-compatible demo server (CONTRACTS.md, Server): /v1/chat/completions and /v1/completions,
 streamed as server-sent events or returned whole, /v1/models, /health and /metrics.
 
-    qwen3moe-jax serve --model FILE.gguf --port 8000
+    qwen3moe-jax serve --model FILE.gguf --port 8000 [--api-key KEY] [--max-request-bytes N]
 
-How a request runs: the handler validates it (pydantic models below, then SamplingParams and the
-engine's checks), so a bad request gets an OpenAI-style error before anything is queued. The checked
-request goes to the model's scheduler (scheduler.py), whose loop runs on one thread of its own (`Worker`):
-up to --max-batch requests share each decode step, and up to --max-queue wait for a row; beyond that a
-request gets 503 with Retry-After. The loop passes each event to the request's asyncio queue; the response
-reads from it. When a client goes away, the response cancels its request, whose row is freed at the next
-step without disturbing the others. /metrics serves Prometheus text (prometheus_client).
+How a request runs, and where each bad request is turned away (always with OpenAI's error object, and
+always before a response starts, so a streaming request with bad parameters gets a 4xx, not a 200):
+  1. `_Gate`, an ASGI middleware around the app: 401 for a /v1 route without the API key (when the server
+     has one); 413 when Content-Length exceeds max_request_bytes (nothing of the body is read), or when a
+     chunked body grows past it while read; and a 500 error object for an exception nothing else caught,
+     with the connection kept open.
+  2. `_JsonRoute`, the routes' class: 400 unless Content-Type is JSON; the body is parsed by `parse_json`
+     (in a worker thread): UTF-8, JSON, no NaN/Infinity or number past float range, no lone UTF-16
+     surrogate in any string or key, nesting at most MAX_JSON_DEPTH deep.
+  3. pydantic models (`ChatRequest`, `CompletionRequest`): types and ranges; they are also what
+     /openapi.json describes.
+  4. The handler: the model name (404), then `prepare_chat` / `prepare_completion` in a worker thread
+     (`run_in_threadpool`): sampling settings (`sampling_params`), the chat template, the tokenizer, token
+     ids against the vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared`
+     request (token ids + SamplingParams), cannot fail on its input any more.
+  5. `start` submits it to the model's scheduler (scheduler.py), whose loop runs on a thread of its own
+     (`Worker`): up to --max-batch requests share each decode step, and up to --max-queue wait for a row;
+     beyond that a request gets 503 with Retry-After. The loop passes each event to the job's asyncio queue;
+     the response reads from it.
+A job is cancelled (its request leaves the scheduler at the next step, freeing its row without disturbing
+the others) when its client goes away: for a streaming response Starlette stops the body iterator (see
+_sse); for a whole response `_respond` waits for the ASGI http.disconnect message beside the events.
+/metrics serves Prometheus text (prometheus_client), from a registry of each app's own.
 """
 
 from __future__ import annotations
@@ -17,20 +33,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
+import ipaddress
 import json
+import math
+import re
 import secrets
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from qwen3moe_jax import scheduler as sched
@@ -46,9 +70,21 @@ FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "m
 
 # ---------------------------------------------------------------------------------------------- requests
 
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+MAX_JSON_DEPTH = 64  # deep enough for any tool's JSON schema; deeper bodies are an attack, not a request
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000  # the stop-string filter's per-token work grows with a stop string's length squared
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
     """Fields shared by both endpoints. Strict: a string where a number belongs is an error, as at OpenAI.
-    Unknown fields are ignored, so clients that send more of OpenAI's API still work."""
+    Unknown fields are ignored, so clients that send more of OpenAI's API still work.
+
+    Integers the engine holds as int32 are taken at any size where a larger value means exactly what the
+    largest useful one does: top_k >= the vocabulary is top_k off, repeat_last_n >= the KV cache length is
+    the whole context (see sampling_params). max_tokens of any size is checked against the KV cache."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -58,11 +94,13 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 is off")
+    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 is off, and so is any value >= the vocabulary")
     seed: int | None = Field(None, ge=0, lt=2**32)
-    stop: str | list[str] | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0, description="extension, llama.cpp/vLLM style")
-    repeat_last_n: int = Field(64, ge=0, description="extension: the penalty's window")
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    # Bounded so that penalized logits stay finite in float32 at any temperature.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="extension, llama.cpp/vLLM style")
+    repeat_last_n: int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
+                                                     "length: the whole context)")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
 
@@ -98,22 +136,185 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "union"}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "union", "constrained-str"}
 _Request.model_rebuild()
 ChatRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 
 
-class ApiError(Exception):
+class ApiError(HTTPException):
+    """A request the server refuses, answered with OpenAI's error object. An HTTPException, so that FastAPI
+    passes it on unchanged when it is raised while the body is read (see _JsonRequest)."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse(status_code=self.status, headers=self.headers, content={"error": {
             "message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(body: bytes) -> Any:
+    """The request body as JSON, held to what the server can take in every string and number: UTF-8,
+    no NaN or Infinity (nor a number that overflows to it, like 1e999), no lone UTF-16 surrogate (a JSON
+    escape such as \\ud800 that no text can hold: the tokenizer, the template and the response encoder all
+    fail on it), and at most MAX_JSON_DEPTH levels of nesting. Raises ApiError(400)."""
+    try:
+        value = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"the body is not valid UTF-8: {err}", code="invalid_json") from None
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+    except ValueError as err:  # _no_constant, or an integer of more digits than Python converts
+        raise ApiError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
+    pending: list[tuple[Any, tuple]] = [(value, ())]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ApiError(400, f"{_where(path)}: the number is out of range", _param(path), "invalid_value")
+        elif isinstance(item, dict | list):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                if isinstance(key, str):
+                    _check_text(key, path)
+                if not isinstance(child, int | bool | None):  # the common leaves need no second look
+                    pending.append((child, (*path, key)))
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(text: str, path: tuple) -> None:
+    if _SURROGATE.search(text):
+        raise ApiError(400, f"{_where(path)}: the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                            "escape), which is no character", _param(path), "invalid_value")
+
+
+def _param(path: tuple) -> str | None:
+    return ".".join(map(str, path)) or None
+
+
+def _where(path: tuple) -> str:
+    return _param(path) or "body"
+
+
+class _JsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = await run_in_threadpool(parse_json, await self.body())  # a 4 MiB body takes a while
+        return self._json
+
+
+class _JsonRoute(APIRoute):
+    """A route whose body must be JSON (Content-Type application/json or +json: a web page cannot send that
+    cross-site without the browser asking first), parsed by parse_json."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        takes_body = self.body_field is not None
+
+        async def route(request: Request) -> Response:
+            if takes_body and not _is_json(request.headers.get("content-type", "")):
+                raise ApiError(400, "the body must be JSON, sent with the header Content-Type: application/json "
+                                    f"(got {request.headers.get('content-type', 'none')!r:.80})",
+                               code="invalid_content_type")
+            return await handler(_JsonRequest(request.scope, request.receive))
+
+        return route
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and
+                                                 media_type.endswith("+json"))
+
+
+class _Gate:
+    """ASGI middleware: the API key, the body-size limit, and the last word on unexpected exceptions.
+
+    A 401 or a 413 for a declared Content-Length is answered without reading the body (the server
+    discards what the client still sends, and the connection stays open for its next request). A body
+    without Content-Length (chunked) is counted as the app reads it: past the limit, reading it raises
+    ApiError(413). An exception that escapes the app before the response started gets a 500 error object
+    here, so the connection stays usable (Starlette's own handler re-raises, and uvicorn then drops it)."""
+
+    def __init__(self, app, api_key: str | None, max_request_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        path = scope["path"]
+        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(headers):
+            return await ApiError(401, "the API key is missing or wrong: send the header Authorization: Bearer KEY",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                                  ).response()(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            return await self._too_large().response()(scope, receive, send)
+
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_request_bytes:
+                    raise self._too_large()
+            return message
+
+        started = False
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except Exception as err:
+            if started:
+                raise
+            if not isinstance(err, ApiError):  # a bug: say so in the log and to the client, keep serving
+                traceback.print_exc(file=sys.stderr)
+                err = ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+            await err.response()(scope, receive, send)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters.
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body exceeds {self.max_request_bytes} bytes (the server's "
+                             "--max-request-bytes)", code="request_too_large")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` serves this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -124,6 +325,7 @@ class Job:
 
     loop: asyncio.AbstractEventLoop
     request: sched.Request
+    cancel: Callable[[], None]  # ends the request at the scheduler's next step (a no-op once it ended)
     out: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
     def put(self, item: Any) -> None:
@@ -147,6 +349,8 @@ class Metrics:
         waiting.set_function(lambda: scheduler.queued)
         self.generated = Counter("qwen3moe_generated_tokens", "Tokens generated", registry=self.registry)
         self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.finished = Counter("qwen3moe_requests_finished", "Requests ended, by how they ended", ["reason"],
+                                registry=self.registry)
         self.ttft = Histogram("qwen3moe_time_to_first_token_seconds", "From a request's arrival to its first token",
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
         self.itl = Histogram("qwen3moe_inter_token_latency_seconds", "Between a request's consecutive tokens",
@@ -154,11 +358,16 @@ class Metrics:
 
     def watch(self, job: Job) -> Emit:
         """The emitter of job's request: passes its events on and records them."""
-        arrived, last = time.perf_counter(), None
+        arrived, last, reason = time.perf_counter(), None, None
 
         def emit(item: Any) -> None:
-            nonlocal last
-            if isinstance(item, Event):
+            nonlocal last, reason
+            if isinstance(item, Exception):
+                reason = "error"
+            elif item is None:  # the request is over: a request that ended without a last event was cancelled
+                self.finished.labels(reason or "cancelled").inc()
+            elif isinstance(item, Event):
+                reason = item.finish_reason
                 now = time.perf_counter()
                 if last is None:
                     self.prompt.inc(len(job.request.prompt))
@@ -189,10 +398,81 @@ class Worker:
 
 # ----------------------------------------------------------------------------------------------- the app
 
-def create_app(model: Model, model_name: str, max_queue: int | None = None,
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request that passed every check and can only fail now if the server does: its prompt's token ids
+    and its sampling settings (stop ids resolved: the chat stop ids, or None for the model's EOS ids), and
+    the scheduler's request made of them."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    request: sched.Request | None = None
+
+
+def sampling_params(model: Model, body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The request's SamplingParams. top_k >= the vocabulary keeps every token, exactly as top_k off does, and
+    repeat_last_n >= the KV cache length covers the whole context as that length does: both are mapped to
+    the value the engine's int32 arrays hold."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    top_k = body.top_k if 0 < body.top_k < model.config.vocab_size else 0
+    try:
+        return SamplingParams(
+            temperature=body.temperature, top_k=top_k, top_p=body.top_p,
+            repeat_penalty=body.repetition_penalty, repeat_last_n=min(body.repeat_last_n, model.max_seq_len),
+            seed=secrets.randbelow(2**32) if body.seed is None else body.seed,  # no seed: a fresh draw
+            max_new_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs,
+        )
+    except Qwen3MoeError as err:
+        raise ApiError(400, str(err), code="invalid_value") from err
+
+
+def prepare_chat(model: Model, body: ChatRequest) -> Prepared:
+    """The chat template and the tokenizer over the messages, and every check (blocking: run it in a thread)."""
+    if model.tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with "
+                       "token ids", "messages", "invalid_value")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(model, body, body.max_completion_tokens or body.max_tokens, logprobs)
+    try:
+        text, params = model.prepare_chat([_message_dict(m) for m in body.messages], params,
+                                          tools=body.tools, **(body.chat_template_kwargs or {}))
+    except Qwen3MoeError as err:
+        raise ApiError(400, str(err), "messages", "invalid_value") from err
+    except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
+        raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
+    return _checked(model, model.encode(text), params, "messages")
+
+
+def prepare_completion(model: Model, body: CompletionRequest) -> Prepared:
+    """The tokenizer over the prompt (or its token ids as given), and every check (blocking: run it in a thread)."""
+    params = sampling_params(model, body, body.max_tokens, body.logprobs)
+    try:
+        prompt = model.encode(body.prompt)
+    except Qwen3MoeError as err:  # text for a model without a tokenizer
+        raise ApiError(400, str(err), "prompt", "invalid_value") from err
+    return _checked(model, prompt, params, "prompt")
+
+
+def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str) -> Prepared:
+    """The request once Model.request accepts it: token ids in the vocabulary, prompt + max_tokens within the
+    KV cache, stop strings only with a tokenizer, logprobs within what the engine computes."""
+    try:
+        return Prepared(prompt, sampling, model.request(prompt, sampling))
+    except ContextLengthError as err:
+        raise ApiError(400, str(err), param, "context_length_exceeded") from err
+    except Qwen3MoeError as err:
+        raise ApiError(400, str(err), param, "invalid_value") from err
+
+
+def create_app(model: Model, model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int | None = None,
                on_shutdown: Callable[[], None] | None = None) -> FastAPI:
-    """The app over model's scheduler, whose loop runs while the app does; max_queue bounds the requests
-    waiting for a KV-cache row (None: the scheduler's own setting); on_shutdown runs after the loop stops."""
+    """The server's app over model's scheduler, whose loop runs while the app does. With api_key, every /v1
+    route needs `Authorization: Bearer api_key`; /health, /metrics and /openapi.json stay open. Bodies over
+    max_request_bytes get 413. max_queue bounds the requests waiting for a KV-cache row (None: the
+    scheduler's own setting); on_shutdown runs after the loop stops."""
     scheduler = model.scheduler
     if max_queue is not None:
         scheduler.max_queue = max_queue
@@ -207,6 +487,8 @@ def create_app(model: Model, model_name: str, max_queue: int | None = None,
             on_shutdown()
 
     app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.router.route_class = _JsonRoute
+    app.add_middleware(_Gate, api_key=api_key, max_request_bytes=max_request_bytes)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -216,8 +498,6 @@ def create_app(model: Model, model_name: str, max_queue: int | None = None,
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            return ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}").response()
         # pydantic's location also names the union member it tried ("str", "list[ContentPart]"): drop those.
         location = [str(part) for part in first["loc"][1:]
                     if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_NAMES)]
@@ -225,12 +505,12 @@ def create_app(model: Model, model_name: str, max_queue: int | None = None,
         return ApiError(400, f"{param or 'body'}: {first['msg']}", param, "invalid_value").response()
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, err: Exception) -> JSONResponse:  # a bug: say so, keep serving
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:  # _Gate answers first; this is a backstop
         return ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
-        return ApiError(err.status_code, str(err.detail), code=None).response()
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:  # 404 and 405 of the router
+        return ApiError(err.status_code, str(err.detail), headers=err.headers).response()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -247,64 +527,31 @@ def create_app(model: Model, model_name: str, max_queue: int | None = None,
 
     def check_model(requested: str) -> None:
         if requested != model_name:
-            raise ApiError(404, f"the model {requested!r} does not exist; this server serves {model_name!r}",
+            raise ApiError(404, f"the model {requested[:200]!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def sampling(body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if len(stop) > 4:
-            raise ApiError(400, "stop takes at most 4 sequences", "stop", "invalid_value")
+    def start(prepared: Prepared) -> Job:
+        request = prepared.request
+        job = Job(asyncio.get_running_loop(), request, lambda: scheduler.cancel(request))
+        request.emit = metrics.watch(job)
         try:
-            return SamplingParams(
-                temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                repeat_penalty=body.repetition_penalty, repeat_last_n=body.repeat_last_n,
-                seed=secrets.randbelow(2**32) if body.seed is None else body.seed,  # no seed: a fresh draw
-                max_new_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs,
-            )
-        except Qwen3MoeError as err:
-            raise ApiError(400, str(err), code="invalid_value") from err
-
-    async def start(prompt: str | list[int], params: SamplingParams, param: str) -> Job:
-        try:
-            job = Job(asyncio.get_running_loop(), model.request(prompt, params))
-        except ContextLengthError as err:
-            raise ApiError(400, str(err), param, "context_length_exceeded") from err
-        except Qwen3MoeError as err:
-            raise ApiError(400, str(err), param, "invalid_value") from err
-        job.request.emit = metrics.watch(job)
-        try:
-            scheduler.submit(job.request)
+            scheduler.submit(request)
         except QueueFull as err:
             raise ApiError(503, f"the server is busy: {err}; retry shortly", kind="server_error",
                            code="server_busy", headers={"Retry-After": "1"}) from err
         return job
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        if model.tokenizer is None:
-            raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with "
-                           "token ids", "messages", "invalid_value")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, logprobs)
-        try:
-            prompt, params = model.prepare_chat([_message_dict(m) for m in body.messages], params,
-                                                tools=body.tools, **(body.chat_template_kwargs or {}))
-        except Qwen3MoeError as err:
-            raise ApiError(400, str(err), "messages", "invalid_value") from err
-        except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
-            raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-        job = await start(prompt, params, "messages")
-        return await _respond(job, body, chat=True, name=model_name, tokenizer=model.tokenizer, scheduler=scheduler)
+        job = start(await run_in_threadpool(prepare_chat, model, body))
+        return await _respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        params = sampling(body, body.max_tokens, body.logprobs)
-        job = await start(body.prompt, params, "prompt")
-        return await _respond(job, body, chat=False, name=model_name, tokenizer=model.tokenizer, scheduler=scheduler)
+        job = start(await run_in_threadpool(prepare_completion, model, body))
+        return await _respond(job, body, request, chat=False, name=model_name, tokenizer=model.tokenizer)
 
     return app
 
@@ -326,24 +573,34 @@ async def _events(job: Job) -> AsyncIterator[Event]:
         yield item
 
 
-async def _respond(job: Job, body: _Request, chat: bool, name: str, tokenizer, scheduler: Scheduler):
+async def _respond(job: Job, body: _Request, request: Request, chat: bool, name: str, tokenizer):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     shape = _Shape(request_id, name, chat, tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(shape, job, include_usage, scheduler), media_type="text/event-stream",
+        return StreamingResponse(_sse(shape, job, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    events = []
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         events = [event async for event in _events(job)]
     except Exception as err:
         return ApiError(500, f"generation failed: {err}", kind="server_error").response()
     finally:
-        scheduler.cancel(job.request)  # a no-op once it ended; frees the row if the handler was cancelled
+        watcher.cancel()
+    if not events:  # cancelled before it started: its client has gone, so nobody reads this
+        return ApiError(400, "the request was cancelled", code="cancelled").response()
     return shape.whole(events)
 
 
-async def _sse(shape: _Shape, job: Job, include_usage: bool, scheduler: Scheduler) -> AsyncIterator[str]:
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` when its client goes away. The body has been read, so the next ASGI message is
+    http.disconnect: the client closed the connection (or the response went out, and this was cancelled)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[str]:
     """The response body of a streaming request. Starlette stops iterating it when the client has gone
     (a send fails, or its disconnect listener fires); the finally clause then cancels the job."""
 
@@ -364,7 +621,7 @@ async def _sse(shape: _Shape, job: Job, include_usage: bool, scheduler: Schedule
         yield data({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
                               "code": None}})
     finally:
-        scheduler.cancel(job.request)  # a no-op once the request ended
+        job.cancel()  # a no-op once the request ended
     yield "data: [DONE]\n\n"
 
 
@@ -434,9 +691,10 @@ def _usage(usage) -> dict[str, int]:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int,
-          max_queue: int | None = None) -> None:
-    """Compile for prompts up to warmup_tokens (every prefill chunk shape they use) and decode, then serve.
+def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int, api_key: str | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int | None = None) -> None:
+    """Compile for prompts up to warmup_tokens (every prefill chunk shape they use) and decode, then serve
+    (see create_app for api_key, max_request_bytes and max_queue).
     Under multi-host every process warms up alike; process 0 serves and the others follow its steps."""
     import jax
     import uvicorn
@@ -444,6 +702,9 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
     from qwen3moe_jax import multihost
 
     leader = jax.process_index() == 0
+    if leader and api_key is None and not is_loopback(host):
+        print(f"[warning: binding {host}, which other machines can reach, without an API key: anyone who reaches "
+              "the port can use the model; set QWEN3MOE_JAX_API_KEY or --api-key]", file=sys.stderr, flush=True)
     start = time.perf_counter()
     if leader:
         print(f"[compiling prefill for prompts of up to {warmup_tokens} tokens, and decode]", file=sys.stderr,
@@ -458,4 +719,5 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
     if jax.process_count() > 1:
         model.scheduler.call = multihost.leader_call(model.engine)
         on_shutdown = multihost.shutdown  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
-    uvicorn.run(create_app(model, model_name, max_queue, on_shutdown), host=host, port=port, log_level="warning")
+    app = create_app(model, model_name, api_key, max_request_bytes, max_queue, on_shutdown)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
