@@ -14,9 +14,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qwen3moe_jax.config import ModelConfig, preset
-from qwen3moe_jax.engine import Engine, bucket_length, full_logits
+from qwen3moe_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
 from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError, SamplingError
-from qwen3moe_jax.generation import Completion, Event, OnToken, collect, stream_events
+from qwen3moe_jax.generation import Completion, Event, OnToken, RequestEvents, collect
 from qwen3moe_jax.io import materialize
 from qwen3moe_jax.io.gguf_file import (
     INT4_TYPES,
@@ -39,10 +39,11 @@ from qwen3moe_jax.io.hf import (
     read_hf_tokenizer,
     write_hf,
 )
-from qwen3moe_jax.model import Params, init_params, named_leaves, param_specs
+from qwen3moe_jax.model import Params, check_moe_kernel, init_params, named_leaves, param_specs
 from qwen3moe_jax.quant import INT4, QuantizedWeight, dequantize, group_axis, is_int4_groupable, is_quantized
 from qwen3moe_jax.router import RouterStats, router_stats
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.scheduler import Request, Scheduler
 from qwen3moe_jax.sharding import replicate, use_mesh
 from qwen3moe_jax.tokenizer import Tokenizer
 
@@ -56,11 +57,14 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
 class Model:
-    """A loaded model: config, params pytree, tokenizer (or None) and the engine that runs them."""
+    """A loaded model: config, params pytree, tokenizer (or None), the engine that runs them over max_batch
+    KV-cache rows, and the scheduler that runs requests on the engine (every generation method goes
+    through it)."""
 
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
-        mesh: Mesh | None = None,
+        mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        decode_steps: int = DEFAULT_DECODE_STEPS,
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
@@ -68,11 +72,26 @@ class Model:
         self.mesh = mesh
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        self.engine = Engine(params, config, max_seq_len, mesh=mesh)
+        self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
+        self.scheduler = Scheduler(self.engine)
 
     @property
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.batch_size
+
+    def set_max_batch(self, max_batch: int) -> None:
+        """Run on max_batch KV-cache rows from now on (a new cache; decode compiles for the new shape)."""
+        if max_batch != self.max_batch:
+            if self.scheduler.running or self.scheduler.queued:
+                raise Qwen3MoeError("max_batch cannot change while requests run")
+            e = self.engine
+            self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.prefill_chunk,
+                                 e.decode_steps)
+            self.scheduler = Scheduler(self.engine)
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -129,17 +148,39 @@ class Model:
         `on_token(token_id)` is called for every new token before the stop checks; returning False ends
         generation there, as does closing the iterator. Bad requests raise here, before anything runs.
         """
-        prompt = self.encode(ids)
         if max_new_tokens is not None:
             overrides["max_new_tokens"] = max_new_tokens
-        sampling = _with_overrides(sampling or SamplingParams(), overrides)
+        return self.scheduler.events(self.request(ids, _with_overrides(sampling or SamplingParams(), overrides),
+                                                  on_token))
+
+    def request(self, ids: str | Sequence[int], sampling: SamplingParams, on_token: OnToken | None = None) -> Request:
+        """A checked request for the scheduler (bad requests raise here, a Qwen3MoeError)."""
+        prompt = self.encode(ids)
         self.engine.check_tokens(prompt)
-        self.engine.check_request(len(prompt), sampling.max_new_tokens)
+        self.engine.check_request(len(prompt), sampling.max_new_tokens, sampling.logprobs)
         if sampling.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a model with a tokenizer; give stop_token_ids instead")
         eos = self.config.eos_token_ids
         stops = eos if sampling.stop_token_ids is None else sampling.stop_token_ids
-        return stream_events(self.engine, self.tokenizer, prompt, sampling, stops, eos, on_token)
+        limit = sampling.max_new_tokens or self.max_seq_len - len(prompt)
+        events = RequestEvents(self.tokenizer, len(prompt), sampling, limit, stops, eos, on_token)
+        return Request(prompt, sampling, events)
+
+    def complete_batch(self, prompts: Sequence[str | Sequence[int]],
+                       sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                       max_batch: int | None = None) -> list[Completion]:
+        """Completions of many prompts (text or token ids), in their order, generated together: up to
+        max_batch at a time share each decode step (continuous batching; None: the model's max_batch, set
+        by load; another value resizes the model's engine). `sampling` is one SamplingParams for all or one
+        per prompt. Each completion is exactly what the prompt gets alone (scheduler.py)."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise SamplingError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams: give one or one each")
+        requests = [self.request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+        if max_batch is not None:
+            self.set_max_batch(max_batch)
+        return [collect(iter(events)) for events in self.scheduler.run_all(requests)]
 
     def complete(self, ids: str | Sequence[int], max_new_tokens: int | None = None,
                  sampling: SamplingParams | None = None, *, on_token: OnToken | None = None,
@@ -204,6 +245,10 @@ def load(
     max_seq_len: int | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    max_batch: int = 1,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    decode_steps: int = DEFAULT_DECODE_STEPS,
+    moe_kernel: str = "auto",
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
@@ -216,27 +261,38 @@ def load(
     keep their numbers, other tensors are quantized from their float values (ggml's Q4_0 rounding).
 
     With a mesh (`make_mesh`), every tensor is placed straight into its shards as it is read, and the model
-    runs sharded over the mesh (see sharding.py)."""
+    runs sharded over the mesh (see sharding.py).
+
+    max_batch: the KV-cache rows, so the requests that can share a decode step (scheduler.py).
+    prefill_chunk: prompts are prefilled in chunks of this many tokens (a power of two), each attending to
+    the cache filled so far, so prefill's temporary memory grows with the chunk, not the prompt.
+    decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
+    most decode_steps - 1 steps of compute).
+    moe_kernel: how the MoE blocks run, one of model.MOE_KERNELS; "auto" reads only the chosen experts'
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model.py."""
+    engine_args = dict(max_batch=max_batch, prefill_chunk=prefill_chunk, decode_steps=decode_steps)
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
+    check_moe_kernel(moe_kernel)  # a bad name fails before the read
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if is_gguf_file(path):
-        return _load_gguf(path, dtype, max_seq_len, progress, mesh)
+        return _load_gguf(path, dtype, max_seq_len, progress, mesh, engine_args, moe_kernel)
     if not is_hf_dir(path):
         raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory with a config.json")
-    config = read_hf_config(path)
+    config = read_hf_config(path).replace(moe_kernel=moe_kernel)
     with ExitStack() as stack:
         reader = SafetensorsReader(path, stack)
         check_hf_tensors(config, reader)
         params = materialize(config, lambda name: hf_tensor_source(name, config, reader), reader, dtype, progress,
                              f"loading {path.name}", mesh, path)
-    return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh)
+    return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh, **engine_args)
 
 
-def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None) -> Model:
+def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None,
+               engine_args: dict[str, int], moe_kernel: str) -> Model:
     tensors = GGUFTensors(path)
-    config = read_gguf_config(tensors)
+    config = read_gguf_config(tensors).replace(moe_kernel=moe_kernel)
     check_gguf_tensors(tensors, config)
     tokenizer = read_gguf_tokenizer(tensors)
     shapes = named_leaves(param_specs(config))
@@ -254,7 +310,7 @@ def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, 
         return read
 
     params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh, path)
-    return Model(config, params, tokenizer, max_seq_len, mesh)
+    return Model(config, params, tokenizer, max_seq_len, mesh, **engine_args)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -287,13 +343,20 @@ def random_model(
     max_seq_len: int | None = None,
     std: float = 0.02,
     mesh: Mesh | None = None,
+    max_batch: int = 1,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    decode_steps: int = DEFAULT_DECODE_STEPS,
+    moe_kernel: str | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
-    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype as
-    for `load` ("int8" and "int4" included)."""
+    when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
+    max_batch, prefill_chunk, decode_steps and moe_kernel as for `load` ("int8" and "int4" included; moe_kernel
+    None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
+    if moe_kernel is not None:
+        config = config.replace(moe_kernel=check_moe_kernel(moe_kernel))
     params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len, mesh)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)

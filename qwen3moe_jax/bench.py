@@ -35,11 +35,12 @@ import jaxlib
 import numpy as np
 
 from qwen3moe_jax.api import Model
-from qwen3moe_jax.engine import Engine, bucket_length
+from qwen3moe_jax.engine import Engine, StepTokens, bucket_length
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
 from qwen3moe_jax.model import named_leaves, param_count
 from qwen3moe_jax.quant import QuantizedWeight
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.scheduler import DEVICE_FIELDS
 
 DEFAULT_PROMPT_LENGTHS = (128, 1024, 4096)
 DEFAULT_DECODE_TOKENS = 256
@@ -78,7 +79,7 @@ class CompileLog:
 
     def seconds(self, function: str, since: int = 0) -> float:
         """Time spent tracing, lowering and compiling the jit function named `function` from event `since` on."""
-        # Tracing reports the function's own name, lowering and compiling its jit's: jit(prefill_step).
+        # Tracing reports the function's own name, lowering and compiling its jit's: jit(prefill_chunk).
         return sum(d for _, name, d in self.events[since:] if name in (function, f"jit({function})"))
 
 
@@ -190,7 +191,7 @@ def run_bench(
             """run(*args) once to compile what the timed runs use; note the compile time of each step it compiled."""
             mark = len(log.events)
             run(*args)
-            for step, label in (("prefill_step", prefill_label), ("decode_step", decode_label)):
+            for step, label in (("prefill_chunk", prefill_label), ("decode_block", decode_label)):
                 if label and (seconds := log.seconds(step, mark)):
                     compile_s[label] = seconds
 
@@ -224,7 +225,8 @@ def run_bench(
 
         for batch in batch_sizes:
             # One batch engine at a time, dropped before the next: its KV cache is batch times the model's.
-            batch_engine = Engine(model.params, model.config, cache_len, batch_size=batch, mesh=model.mesh)
+            batch_engine = Engine(model.params, model.config, cache_len, batch, model.mesh, model.engine.prefill_chunk,
+                                  model.engine.decode_steps)
             progress(f"compiling prefill and decode, batch {batch}")
             warm_up(f"prefill batch {batch}, bucket {bucket_length(prompt_len, cache_len)}", f"decode batch {batch}",
                     _engine_decode_rate, batch_engine, prompt, sampling, decode_tokens)
@@ -256,18 +258,35 @@ def _dtype_name(model: Model) -> str:
     return f"int{min(bits)}" if bits else model.params.embed.dtype.name
 
 
+def _prefill_rows(engine: Engine, prompt: list[int], sampling: SamplingParams, row: int | None) -> StepTokens:
+    """The prompt's chunks into one row (or, row None, into every row at once), sampling set for every row."""
+    fields = {f: getattr(sampling, f) for f in DEVICE_FIELDS}
+    engine.set_sampling([fields] * engine.batch_size)
+    rows = 1 if row is not None else engine.batch_size
+    for start in range(0, len(prompt), engine.prefill_chunk):
+        chunk = prompt[start: start + engine.prefill_chunk]
+        out = engine.prefill(row, chunk, start, len(prompt)) if row is not None else \
+            engine.prefill(None, [chunk] * rows, [start] * rows, [len(prompt)] * rows)
+    return out
+
+
 def _first_token_seconds(engine: Engine, prompt: list[int], sampling: SamplingParams) -> float:
-    """Seconds from a request to its first sampled token on the host: prefill (and the first draw), batch 1."""
+    """Seconds from a request to its first sampled token on the host: chunked prefill (and the first draw)."""
     start = time.perf_counter()
-    for _ in engine.tokens(prompt, sampling, limit=1):
-        pass
+    np.asarray(_prefill_rows(engine, prompt, sampling, 0).token)
     return time.perf_counter() - start
 
 
 def _engine_decode_rate(engine: Engine, prompt: list[int], sampling: SamplingParams, new_tokens: int) -> float:
-    """Decode tokens/s of all of the engine's rows together, after the first token (as Usage counts it)."""
-    arrivals = [time.perf_counter() for _ in engine.tokens(prompt, sampling, new_tokens)]
-    return engine.batch_size * (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    """Decode tokens/s of all of the engine's rows together: every row prefilled with the prompt at once, then
+    decode blocks of every row, each read on the host as the scheduler reads them."""
+    B, k = engine.batch_size, engine.decode_steps
+    np.asarray(_prefill_rows(engine, prompt, sampling, None).token)
+    blocks = max(1, (new_tokens - 1) // k)
+    start = time.perf_counter()
+    for i in range(blocks):
+        np.asarray(engine.decode([len(prompt) + i * k] * B, [True] * B).token)
+    return B * blocks * k / (time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------- transformers

@@ -15,7 +15,9 @@ from pathlib import Path
 from qwen3moe_jax import bench, compile_cache
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.config import preset, preset_names
+from qwen3moe_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
+from qwen3moe_jax.model import MOE_KERNELS
 from qwen3moe_jax.sampling import SamplingParams
 
 
@@ -25,8 +27,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                      "(default: the bundled small model)")
     src.add_argument("--preset", choices=preset_names(), help="random weights at a named shape (configs/)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto",
+                   help="how the MoE blocks run (see qwen3moe_jax/model.py); auto: only the chosen experts' weights "
+                        "at decode, whole blocks per expert at prefill, ragged_dot on TPU (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prefill prompts in chunks of this many tokens, a power of two (default: %(default)s)")
+    p.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS,
+                   help="decode steps per device call (default: %(default)s)")
     p.add_argument("--layers", type=int, help="with --preset: keep only its first N layers (a smaller model of the "
                                               "same layer shape)")
     p.add_argument("--mesh", default="", help="shard over a device mesh, e.g. 'expert=8' or 'data=2,expert=2,"
@@ -108,8 +117,11 @@ def build_model(args: argparse.Namespace) -> Model:
     start = time.perf_counter()
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
+    engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
+                       decode_steps=args.decode_steps)
     if not args.preset:
-        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh)
+        model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
+                     **engine_args, moe_kernel=args.moe_kernel)
     else:
         config = preset(args.preset)
         if args.layers is not None:
@@ -117,7 +129,8 @@ def build_model(args: argparse.Namespace) -> Model:
                 raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
             config = config.replace(num_layers=args.layers)
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
-        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh)
+        model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh, **engine_args,
+                             moe_kernel=args.moe_kernel)
     where = f" over a mesh of {dict(mesh.shape)}" if mesh is not None else ""
     _status(f"loaded in {time.perf_counter() - start:.1f}s{where}")
     return model
@@ -166,6 +179,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Measured with scripts/load_test.py on the bundled model, 2 CPU cores (README, "Batched generation").
+DEFAULT_MAX_BATCH = 8
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from qwen3moe_jax.server import serve  # fastapi and uvicorn load only for this command
 
@@ -175,11 +192,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Qwen3MoeError(f"--max-request-bytes must be at least 1, got {args.max_request_bytes}")
     model = build_model(args)
     serve(model, args.served_model_name or model_name(args), args.host, args.port, args.warmup_tokens,
-          args.api_key, args.max_request_bytes)
+          args.api_key, args.max_request_bytes, args.max_queue)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "gpu":
+        return _gpu_suite(args)
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the whole run
         raise Qwen3MoeError(f"--json: the folder of {args.json} does not exist")
     model = build_model(args)
@@ -191,6 +210,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         _status(f"wrote {args.json}")
+    return 0
+
+
+def _gpu_suite(args: argparse.Namespace) -> int:
+    from qwen3moe_jax import gpu_suite
+
+    if args.model:
+        raise ConfigError("--suite gpu draws random weights at a --preset (default qwen3-30b-a3b), not --model")
+    report = gpu_suite.run_suite(args, _status)
+    json_path, md_path = gpu_suite.write_report(report, args.out_dir)
+    print(md_path.read_text())
+    _status(f"wrote {json_path} and {md_path}")
     return 0
 
 
@@ -235,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile prefill for prompts up to this length before serving (one program per power of "
                           "two from 16); lower starts sooner, and a longer prompt compiles its bucket on first use "
                           "(default: %(default)s)")
+    srv.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                     help="requests that share each decode step (KV-cache rows) (default: %(default)s)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for a row; more get 503 with Retry-After (default: %(default)s)")
     srv.add_argument("--api-key", default=os.environ.get("QWEN3MOE_JAX_API_KEY") or None,
                      help="require 'Authorization: Bearer KEY' on every /v1 route (default: the environment "
                           "variable QWEN3MOE_JAX_API_KEY, which keeps the key out of the process list; "
@@ -260,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is reported")
     bch.add_argument("--compare", choices=["hf"], help="hf: run transformers on the same weights and report ratios")
     bch.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    suite = bch.add_argument_group("--suite gpu (scripts/gpu_check.sh): weights drawn on the device, every MoE kernel, "
+                                   "each dtype, transformers on the first layers; writes OUT_DIR/<device>-<date>.json "
+                                   "and .md")
+    suite.add_argument("--suite", choices=["gpu"], help="run the GPU check suite (at --preset, default qwen3-30b-a3b)")
+    suite.add_argument("--suite-dtypes", type=lambda t: [d for d in t.split(",") if d], default=None,
+                       help="comma-separated dtypes (default: bfloat16 and every quantized dtype of --dtype's choices)")
+    suite.add_argument("--out-dir", default="benchmarks", help="where the suite writes (default: %(default)s)")
+    suite.add_argument("--hf-layers", type=int, default=16, help="layers of the transformers comparison "
+                                                                 "(default: %(default)s)")
     bch.set_defaults(func=cmd_bench)
 
     pln = sub.add_parser("plan", help="per-device memory of params and KV cache on a mesh, nothing allocated")

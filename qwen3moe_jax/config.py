@@ -39,6 +39,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # How the MoE block runs, not part of the checkpoint: a name of model.MOE_KERNELS. A static field, so the jit
+    # steps that take the config compile the chosen kernel in (once per model, never per request).
+    moe_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         """Every field's type and range, and the relations between fields: the one check of a shape, whichever

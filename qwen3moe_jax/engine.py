@@ -1,34 +1,49 @@
-"""jit-compiled prefill and decode steps over a preallocated, donated KV cache, and the step loop over them.
+"""The engine: jit-compiled steps over `max_batch` KV-cache rows that live on the device, and nothing else.
 
-- `prefill_step` runs a whole prompt padded to a length bucket (a power of two), so a new prompt length
-  compiles only when it lands in a new bucket.
-- `decode_step` runs one token per row at per-row positions; its shapes never change with the position,
-  so it compiles once per attention window: it reads only the first `window` cache slots (a power of two
-  >= the filled length, at least MIN_WINDOW), so early tokens of a long cache do not pay for all of it.
-Both take the cache with `donate_argnames`, so XLA writes the new keys and values into the same buffer.
-The request-level loop (stop checks, text, callbacks) is in generation.py.
+Every row of the cache belongs to at most one request at a time (the scheduler, scheduler.py, decides
+which); the device state of all rows together is a `Slots` pytree, handed from step to step by donation.
+- `prefill_chunk` writes one chunk of one row's prompt into the cache at the chunk's positions, each chunk
+  attending to the slots filled so far, and samples the row's first token after its last chunk. Chunks
+  start at positions 0, C, 2C, ... (C = prefill_chunk), set by the request alone: the shapes a request
+  sees never depend on what else runs. A first chunk shorter than C is padded to a power of two (at least
+  MIN_BUCKET), later chunks to C, so a new prompt length never compiles anew. With rows=None the same
+  step prefills every row at once (a whole batch of prompts, as a benchmark does).
+- `decode_block` runs `steps` decode steps of every row in one device call (a lax.scan with sampling
+  inside); rows marked inactive are parked at position S (the cache length), where their writes to the
+  cache and history are dropped, so a free row or one part-way through its prompt is left as it was.
+Both read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW), so a
+short request in a long cache does not pay for all of it, and each window compiles once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import Params, forward, lm_logits
-from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
+from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample, token_logprobs
 from qwen3moe_jax.sharding import constrain, replicate, use_mesh
 
 MIN_BUCKET = 16
-# Decode attention spans start here: below it, reading the whole span costs less than another compile.
+# Attention spans start here: below it, reading the whole span costs less than another compile.
 MIN_WINDOW = 256
+# Defaults chosen by measurement on 2 CPU cores with scripts/bench_engine.py (README, "Batched generation"):
+# chunks of 64-128 gave the fastest prefill of 250- and 1000-token prompts (bundled model, small preset), and
+# 4 decode steps per call 1.3-2x the tokens/s of 1 (bundled model, the issue-19 shape). On a GPU, larger
+# chunks (512+) likely pay: measure with --prefill-chunk.
+DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_DECODE_STEPS = 4
+# The most alternatives a request may ask logprobs for (OpenAI's top_logprobs limit); computed on the device.
+LOGPROBS_MAX = 20
 
 
 def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
@@ -37,46 +52,104 @@ def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def attention_window(filled: int, max_len: int) -> int:
-    """The cache slots a decode step reads when `filled` slots (the new token's included) hold keys."""
+    """The cache slots a step reads when `filled` slots (its own tokens included) hold keys."""
     return bucket_length(filled, max_len, MIN_WINDOW)
 
 
-@partial(jax.jit, static_argnames="config", donate_argnames=("cache", "history"))
-def prefill_step(
-    params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, history: jax.Array,
-    sampler: SamplerState, config: ModelConfig,
-) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-    """Fill cache slots 0..T-1 from right-padded prompts tokens [B, T] (history [B, S] already holds them).
+@struct.dataclass
+class Slots:
+    """The device state of every row: the KV cache, each row's token ids so far (prompt and generated, for
+    the repetition penalty) and the token each row feeds to its next decode step."""
 
-    Returns the sampled next token [B] (-1 where the logits hold NaN), the logits [B, V] at each row's
-    last prompt token, the cache and the history.
-    """
-    start = jnp.zeros(tokens.shape[0], jnp.int32)
-    # The prompt fills slots 0..T-1, so attention never needs to read past them.
-    hidden, cache, _ = forward(params, tokens, start, cache, config, window=tokens.shape[1])
-    logits = constrain(lm_logits(params, hidden[jnp.arange(tokens.shape[0]), lengths - 1]), (None, None))
-    return _checked_sample(logits, sampler, history, lengths), logits, cache, history
+    cache: KVCache
+    history: jax.Array  # [B, S] int32
+    next_token: jax.Array  # [B] int32
 
 
-@partial(jax.jit, static_argnames=("config", "window"), donate_argnames=("cache", "history"))
-def decode_step(
-    params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, history: jax.Array,
-    sampler: SamplerState, config: ModelConfig, window: int | None = None,
-) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-    """One token per row, tokens [B] at positions [B] (all below `window`, default the cache length):
-    records them in the history, runs the model and samples the next token.
-    Returns (next token [B], logits [B, V], cache, history)."""
-    history = history.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
-    hidden, cache, _ = forward(params, tokens[:, None], positions, cache, config, window)
-    logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
-    return _checked_sample(logits, sampler, history, positions + 1), logits, cache, history
+class StepTokens(NamedTuple):
+    """What a step hands the host, [steps, rows]: the tokens (-1 where the logits held NaN) and, when asked
+    for, their logprobs under the model and the LOGPROBS_MAX most likely tokens (else zeros)."""
+
+    token: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprob: jax.Array
 
 
-def _checked_sample(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array) -> jax.Array:
-    # NaN logits cannot raise inside jit: mark the row with -1 and let the host loop raise.
+def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array,
+                 logprobs: jax.Array) -> StepTokens:
+    # NaN logits cannot raise inside jit: mark the row with -1 and let the host raise.
     token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length))
+    n = min(LOGPROBS_MAX, logits.shape[-1])
+
+    def with_logprobs(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return token_logprobs(logits, jnp.maximum(token, 0), n)
+
+    def without(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        B = logits.shape[0]
+        return jnp.zeros(B, jnp.float32), jnp.zeros((B, n), jnp.int32), jnp.zeros((B, n), jnp.float32)
+
+    chosen, top_ids, top_logp = jax.lax.cond(logprobs, with_logprobs, without, None)
     # On a mesh, every device (and so every process) holds the whole result: the host reads it.
-    return constrain(token, (None,))
+    return StepTokens(*(constrain(a, (None,) * a.ndim) for a in (token, chosen, top_ids.astype(jnp.int32),
+                                                                 top_logp)))
+
+
+@partial(jax.jit, static_argnames=("config", "window"), donate_argnames="slots")
+def prefill_chunk(
+    params: Params, slots: Slots, sampler: SamplerState, tokens: jax.Array, row: jax.Array | None,
+    start: jax.Array, length: jax.Array, logprobs: jax.Array, config: ModelConfig, window: int,
+) -> tuple[StepTokens, Slots]:
+    """Write the chunk tokens [R, C] (right-padded) of prompts of `length` [R] tokens at positions start[r] ..
+    into cache row `row` (R = 1; None: every row, R = B), attending to the row's slots before start.
+    Where a prompt ends inside its chunk, its first new token is sampled and becomes the row's next_token.
+    Returns the sampled tokens ([1, R], meaningful only where the prompt ended) and the state."""
+    cache, history = slots.cache, slots.history
+    if row is not None:  # one row: run the model on a [1, ...] view, written back in place
+        view = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)  # noqa: E731
+        cache, history = jax.tree.map(view, cache), view(history)
+        sampler = jax.tree.map(view, sampler)
+    R, C = tokens.shape
+    rows = jnp.arange(R)
+    history = history.at[rows[:, None], start[:, None] + jnp.arange(C)].set(tokens, mode="drop")
+    hidden, cache, _ = forward(params, tokens, start, cache, config, window)
+    last = jnp.clip(length - 1 - start, 0, C - 1)
+    logits = constrain(lm_logits(params, hidden[rows, last]), (None, None))
+    out = _sample_step(logits, sampler, history, length, logprobs)
+    ends_here = length <= start + C
+    if row is None:
+        next_token = jnp.where(ends_here, jnp.maximum(out.token, 0), slots.next_token)
+        return StepTokens(*(a[None] for a in out)), Slots(cache, history, next_token)
+    put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, row, axis=0)  # noqa: E731
+    cache = jax.tree.map(put, slots.cache, cache)
+    mine = jax.lax.dynamic_index_in_dim(slots.next_token, row, keepdims=False)
+    next_token = slots.next_token.at[row].set(jnp.where(ends_here[0], jnp.maximum(out.token[0], 0), mine))
+    return StepTokens(*(a[None] for a in out)), Slots(cache, put(slots.history, history), next_token)
+
+
+@partial(jax.jit, static_argnames=("config", "window", "steps"), donate_argnames="slots")
+def decode_block(
+    params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
+    logprobs: jax.Array, config: ModelConfig, window: int, steps: int,
+) -> tuple[StepTokens, Slots]:
+    """`steps` decode steps of every row: row b feeds its next_token at positions[b], positions[b] + 1, ...
+    (all below `window` for the steps whose results are used). Rows not `active` are parked at the cache
+    length S: their cache, history and next_token stay as they were. Returns StepTokens [steps, B]."""
+    S = slots.history.shape[1]
+    rows = jnp.arange(positions.shape[0])
+
+    def step(slots: Slots, i: jax.Array) -> tuple[Slots, StepTokens]:
+        pos = jnp.where(active, positions + i, S)
+        history = slots.history.at[rows, pos].set(slots.next_token, mode="drop")
+        hidden, cache, _ = forward(params, slots.next_token[:, None], pos, slots.cache, config, window)
+        logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
+        out = _sample_step(logits, sampler, history, pos + 1, logprobs)
+        next_token = jnp.where(active, jnp.maximum(out.token, 0), slots.next_token)
+        return Slots(cache, history, next_token), out
+
+    # Unrolled: XLA:CPU ran the rolled loop's body at half the speed of the same step outside a loop (measured).
+    slots, out = jax.lax.scan(step, slots, jnp.arange(steps), unroll=True)
+    return out, slots
 
 
 @partial(jax.jit, static_argnames="config")
@@ -89,49 +162,118 @@ def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.A
 
 
 class Engine:
-    """Owns the params and one KV cache buffer, and runs requests through the jit steps.
+    """Owns the params and the device state of `batch_size` rows, and runs the jit steps on them.
 
-    The cache is allocated once (lazily) and handed from step to step by donation; requests reuse it.
+    The state is allocated once (lazily) and handed from step to step by donation. The engine keeps no
+    request state: which row holds what, and where, is the caller's (the scheduler's) business. Every
+    method takes plain Python values, so a multi-host leader can send a call to its followers as is
+    (`call`).
     """
 
-    def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None):
+    def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS):
+        if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
+            raise Qwen3MoeError(f"prefill_chunk must be a power of two >= 1, got {prefill_chunk}")
+        if decode_steps < 1:
+            raise Qwen3MoeError(f"decode_steps must be >= 1, got {decode_steps}")
+        if batch_size < 1:
+            raise Qwen3MoeError(f"max_batch must be >= 1, got {batch_size}")
         self.params = params
         self.config = config
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.mesh = mesh  # a jax.sharding.Mesh the params are sharded over (sharding.py), or None
-        # Process 0 of a multi-process server: each request's steps are announced to the others (multihost.py).
-        self.leading = False
-        self._cache: KVCache | None = None
+        self.prefill_chunk = min(prefill_chunk, bucket_length(max_seq_len, 1 << 30))
+        self.decode_steps = decode_steps
+        self._slots: Slots | None = None
+        self._sampler: SamplerState | None = None
 
     @property
     def dtype(self) -> Any:
         return self.params.embed.dtype
 
-    def _take_cache(self) -> KVCache:
-        # Taken out while a request runs: if a step fails after donating the buffer, the next request
-        # allocates a fresh one rather than touching a deleted array.
-        cache, self._cache = self._cache, None
-        return cache if cache is not None else KVCache.init(
-            self.config, self.batch_size, self.max_seq_len, self.dtype, self.mesh
-        )
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache of all rows (allocated on first use)."""
+        return self._state().cache
 
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache, history: np.ndarray,
-                sampler: SamplerState) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-        """prefill_step on this engine's params (and mesh: host inputs replicated over it)."""
-        tokens, lengths, history = replicate((tokens, lengths, history), self.mesh)
+    def _state(self) -> Slots:
+        if self._slots is None:
+            B, S = self.batch_size, self.max_seq_len
+            self._slots = Slots(KVCache.init(self.config, B, S, self.dtype, self.mesh),
+                                *replicate((np.zeros((B, S), np.int32), np.zeros(B, np.int32)), self.mesh))
+        return self._slots
+
+    def _take_state(self) -> Slots:
+        # Taken out while a step runs: if it fails after donating the buffers, the next step allocates
+        # fresh ones rather than touching deleted arrays.
+        slots, self._slots = self._state(), None
+        return slots
+
+    def reset(self) -> None:
+        """Drop the device state (after a failed step): the next call starts from empty rows."""
+        self._slots = None
+
+    def call(self, op: str, **kwargs: Any) -> StepTokens:
+        """Run the step named op ("set_sampling", "prefill" or "decode") with plain-value arguments."""
+        if op not in ("set_sampling", "prefill", "decode"):
+            raise Qwen3MoeError(f"unknown engine step {op!r}")
+        return getattr(self, op)(**kwargs)
+
+    def set_sampling(self, rows: Sequence[dict | None]) -> None:
+        """Each row's sampling settings (SamplingParams fields the device reads; None: a free row)."""
+        params = [SamplingParams(**fields) if fields else SamplingParams() for fields in rows]
+        self._sampler = replicate(SamplerState.from_params(params), self.mesh)
+
+    def sampler(self) -> SamplerState:
+        if self._sampler is None:
+            self.set_sampling([None] * self.batch_size)
+        return self._sampler
+
+    def chunk_shape(self, start: int, remaining: int) -> tuple[int, int]:
+        """(chunk length, attention window) of the chunk at `start` with `remaining` prompt tokens from it."""
+        C = self.prefill_chunk
+        size = bucket_length(remaining, C, min(MIN_BUCKET, C)) if start == 0 else C
+        return size, attention_window(start + size, self.max_seq_len)
+
+    def prefill(self, row: int | None, tokens: Sequence[int] | Sequence[Sequence[int]], start: int | Sequence[int],
+                length: int | Sequence[int], logprobs: bool = False) -> StepTokens:
+        """One prompt chunk into `row` (tokens: that chunk's ids, at most prefill_chunk; start a multiple of
+        it; length the whole prompt's), or with row=None one chunk of every row (lists of B of each)."""
+        rows = [tokens] if row is not None else tokens
+        starts = np.atleast_1d(np.asarray(start, np.int32))
+        lengths = np.atleast_1d(np.asarray(length, np.int32))
+        size, window = self.chunk_shape(int(starts.max()), int((lengths - starts).max()))
+        padded = np.zeros((len(rows), size), np.int32)
+        for r, ids in enumerate(rows):
+            padded[r, : len(ids)] = ids
+        host = (padded, starts, lengths, np.bool_(logprobs)) + (() if row is None else (np.int32(row),))
+        args = replicate(host, self.mesh)
         with use_mesh(self.mesh):
-            return prefill_step(self.params, tokens, lengths, cache, history, sampler, self.config)
+            out, self._slots = prefill_chunk(self.params, self._take_state(), self.sampler(), args[0],
+                                             None if row is None else args[4], args[1], args[2], args[3],
+                                             self.config, window)
+        return out
 
-    def decode(self, tokens: jax.Array, positions: np.ndarray, cache: KVCache, history: jax.Array,
-               sampler: SamplerState) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
-        """decode_step at `positions`, reading the attention window their longest row needs."""
-        window = attention_window(int(np.max(positions)) + 1, self.max_seq_len)
-        positions = replicate(positions, self.mesh)
+    def decode_window(self, top_position: int) -> int:
+        """The attention window of a decode block whose highest active row starts at top_position."""
+        return attention_window(top_position + self.decode_steps, self.max_seq_len)
+
+    def decode(self, positions: Sequence[int], active: Sequence[bool], logprobs: bool = False,
+               window: int | None = None) -> StepTokens:
+        """decode_steps steps of every row from `positions` (ignored where not `active`); the attention
+        window is the one the highest active row needs, unless given."""
+        positions = np.asarray(positions, np.int32)
+        active = np.asarray(active, bool)
+        if window is None:
+            window = self.decode_window(int(positions[active].max()) if active.any() else 0)
+        args = replicate((positions, active, np.bool_(logprobs)), self.mesh)
         with use_mesh(self.mesh):
-            return decode_step(self.params, tokens, positions, cache, history, sampler, self.config, window)
+            out, self._slots = decode_block(self.params, self._take_state(), self.sampler(), *args, self.config,
+                                            window, self.decode_steps)
+        return out
 
-    def check_request(self, prompt_len: int, max_new_tokens: int | None) -> None:
+    def check_request(self, prompt_len: int, max_new_tokens: int | None, logprobs: int | None = None) -> None:
         """KV-3: refuse up front a request the cache cannot hold (max_new_tokens None: fill the cache)."""
         if prompt_len < 1:
             raise Qwen3MoeError("the prompt is empty: give at least one token")
@@ -142,69 +284,51 @@ class Engine:
                 f"the KV cache length {self.max_seq_len}; shorten the prompt, lower max_new_tokens, or load "
                 "with a larger max_seq_len"
             )
+        if logprobs is not None and logprobs > LOGPROBS_MAX:
+            raise SamplingError(f"logprobs takes at most {LOGPROBS_MAX} alternatives, got {logprobs}")
 
     def check_tokens(self, ids: Sequence[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise Qwen3MoeError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
-    def tokens(self, prompt: Sequence[int], sampling: SamplingParams, limit: int) -> Iterator[tuple[int, jax.Array]]:
-        """Yield (token id, the logits [B, V] it was drawn from, on device) for up to `limit` new tokens
-        (see local_tokens; when leading a multi-process server, the other processes take the same steps)."""
-        if self.leading:
-            from qwen3moe_jax.multihost import lead
+    def chunk_starts(self, prompt_len: int, all_buckets: bool = False) -> dict[tuple[int, int], tuple[int, int]]:
+        """{(chunk length, window): (start, prompt length) of a chunk with that shape} for the chunks of a
+        prompt of prompt_len tokens; with all_buckets, of every prompt up to that length."""
+        lengths = [prompt_len]
+        while all_buckets and lengths[-1] > MIN_BUCKET:
+            lengths.append(lengths[-1] // 2)
+        shapes: dict[tuple[int, int], tuple[int, int]] = {}
+        for n in lengths:
+            for start in range(0, n, self.prefill_chunk):
+                shapes.setdefault(self.chunk_shape(start, n - start), (start, n))
+        return shapes
 
-            return lead(self, prompt, sampling, limit)
-        return self.local_tokens(prompt, sampling, limit)
-
-    def local_tokens(
-        self, prompt: Sequence[int], sampling: SamplingParams, limit: int
-    ) -> Iterator[tuple[int, jax.Array]]:
-        """Yield (token id, the logits [B, V] it was drawn from, on device) for up to `limit` new tokens.
-
-        The caller checks the request first (check_tokens, check_request) and decides when to stop:
-        closing this generator ends the request and gives the cache back. Each step is dispatched before
-        the previous token is handed out, so the device computes token i+1 while the host handles token i
-        (JAX dispatch is asynchronous); when the caller stops, that one step in flight is dropped.
-        """
-        cache = self._take_cache()
-        try:
-            n = len(prompt)
-            padded = np.zeros((self.batch_size, bucket_length(n, self.max_seq_len)), np.int32)
-            padded[:, :n] = prompt
-            history = np.zeros((self.batch_size, self.max_seq_len), np.int32)
-            history[:, :n] = prompt
-            sampler = replicate(SamplerState.from_params([sampling] * self.batch_size), self.mesh)
-            lengths = np.full((self.batch_size,), n, np.int32)
-            token, logits, cache, history = self.prefill(padded, lengths, cache, history, sampler)
-            for step in range(limit):
-                token_id, token_logits = int(token[0]), logits  # the one host transfer per step
-                if token_id < 0:
-                    raise SamplingError("the model produced NaN logits; the weights or inputs are broken")
-                if step < limit - 1:
-                    positions = np.full((self.batch_size,), n + step, np.int32)
-                    token, logits, cache, history = self.decode(token, positions, cache, history, sampler)
-                yield token_id, token_logits
-        finally:
-            if not any(a.is_deleted() for a in cache.k):
-                self._cache = cache
-
-    def warmup(self, prompt_len: int, max_new_tokens: int | None = None) -> None:
-        """Compile prefill for prompt_len's bucket and decode for every attention window that a request of
-        prompt_len + max_new_tokens tokens (None: up to the cache length) can reach, by running each once
-        on dummy tokens."""
-        for _ in self.tokens([0] * prompt_len, SamplingParams(), limit=1):
-            pass
-        end = self.max_seq_len if max_new_tokens is None else min(prompt_len + max_new_tokens, self.max_seq_len)
-        windows = [attention_window(prompt_len + 1, self.max_seq_len)]
-        while windows[-1] < attention_window(end, self.max_seq_len):
+    def decode_windows(self, first: int, last: int) -> list[int]:
+        """The decode windows of blocks starting at positions first .. last."""
+        windows = [self.decode_window(first)]
+        while windows[-1] < self.decode_window(last):
             windows.append(attention_window(windows[-1] + 1, self.max_seq_len))
-        cache = self._take_cache()
-        history, tokens, sampler = replicate((
-            np.zeros((self.batch_size, self.max_seq_len), np.int32), np.zeros(self.batch_size, np.int32),
-            SamplerState.from_params([SamplingParams()] * self.batch_size),
-        ), self.mesh)
-        for window in windows:  # position window - 1 makes decode read exactly that window
-            positions = np.full((self.batch_size,), window - 1, np.int32)
-            _, _, cache, history = self.decode(tokens, positions, cache, history, sampler)
-        self._cache = cache
+        return windows
+
+    def warmup(self, prompt_len: int, max_new_tokens: int | None = None, all_buckets: bool = False) -> None:
+        """Compile what a request of prompt_len tokens (all_buckets: of up to prompt_len tokens) and
+        max_new_tokens new ones (None: up to the cache length) runs (see warmup_steps)."""
+        for _, compile_step in self.warmup_steps(prompt_len, max_new_tokens, all_buckets):
+            compile_step()
+
+    def warmup_steps(self, prompt_len: int, max_new_tokens: int | None = None,
+                     all_buckets: bool = False) -> list[tuple[str, Callable[[], None]]]:
+        """(what, run it) for each program warmup compiles: the prefill chunk shapes of the request (into one
+        row) and the decode windows it can reach, each run on row 0 with every row inactive. Run them only
+        while no request holds a row: they leave row 0 holding dummy tokens."""
+        prompt_len = min(prompt_len, self.max_seq_len - 1)
+        steps: list[tuple[str, Callable[[], None]]] = []
+        for (length, window), (start, n) in self.chunk_starts(prompt_len, all_buckets).items():
+            steps.append((f"prefill chunk {length} (window {window})",
+                          partial(self.prefill, 0, [0] * min(n - start, self.prefill_chunk), start, n)))
+        end = self.max_seq_len if max_new_tokens is None else min(prompt_len + max_new_tokens, self.max_seq_len)
+        for window in self.decode_windows(1 if all_buckets else prompt_len, max(prompt_len, end - 1)):
+            steps.append((f"decode window {window}",
+                          partial(self.decode, [0] * self.batch_size, [False] * self.batch_size, window=window)))
+        return steps

@@ -1,9 +1,10 @@
-"""The generation loop that the CLI, the server, notebooks and scripts share (CONTRACTS.md, Streaming).
+"""What a request's tokens become (CONTRACTS.md, Streaming): the loop that produces them is the scheduler's
+(scheduler.py), shared by the CLI, the server, notebooks and scripts.
 
-`stream_events` drives the engine's jit steps for one request and yields an `Event` per new token: its
-id, the text it makes visible, optional logprobs, and on the last event why generation ended and the
-usage figures. `collect` runs it to the end. `Model.stream` is the first, `Model.complete` the two together
-and `Model.generate` the token ids of that.
+`RequestEvents` turns each new token of a request into an `Event`: its id, the text it makes visible,
+optional logprobs, and on the last event why generation ended and the usage figures. `collect` gathers a
+request's events. `Model.stream` yields them, `Model.complete` collects them and `Model.generate` gives
+the token ids of that.
 
 Per token, in this order: the host receives the id, `on_token(id)` is called (returning False ends the
 request), then the stop checks run. Finish reasons:
@@ -23,11 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-import jax.numpy as jnp
-import numpy as np
-
-from qwen3moe_jax.engine import Engine
-from qwen3moe_jax.sampling import SamplingParams, token_logprobs
+from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.tokenizer import TextDecoder, Tokenizer
 
 OnToken = Callable[[int], bool | None]
@@ -97,61 +94,47 @@ class StopStrings:
         return shown
 
 
-def stream_events(
-    engine: Engine,
-    tokenizer: Tokenizer | None,
-    prompt: Sequence[int],
-    sampling: SamplingParams,
-    stop_token_ids: Sequence[int],
-    eos_token_ids: Sequence[int],
-    on_token: OnToken | None = None,
-) -> Iterator[Event]:
-    """Yield one Event per new token of the request (checked beforehand by the caller, see Model.stream)."""
-    start = time.perf_counter()
-    limit = sampling.max_new_tokens or engine.max_seq_len - len(prompt)
-    out_of_room = "max_new_tokens" if sampling.max_new_tokens else "cache_full"
-    stop_ids, eos_ids = frozenset(stop_token_ids), frozenset(eos_token_ids)
-    decoder = TextDecoder(tokenizer) if tokenizer is not None else None
-    stops = StopStrings(sampling.stop)
-    first_at = math.nan
-    steps = engine.tokens(prompt, sampling, limit)
-    try:
-        for count, (token, logits) in enumerate(steps, start=1):
-            now = time.perf_counter()
-            if count == 1:
-                first_at = now
-            keep_going = on_token(token) if on_token is not None else True
+class RequestEvents:
+    """One request's tokens, as the scheduler receives them, turned into Events: the text each makes visible,
+    its logprobs, and on the last one why generation ended and the usage figures (see the module docstring)."""
 
-            text, reason = "", None
-            if token in stop_ids:
-                reason = "eos" if token in eos_ids else "stop_token"
-            elif decoder is not None:
-                text, hit = stops.push(decoder.step(token))
-                reason = "stop_string" if hit else None
-            if reason is None and keep_going is False:
-                reason = "cancelled"
-            elif reason is None and count == limit:
-                reason = out_of_room
-            if reason not in (None, "stop_string") and decoder is not None:
-                text += stops.push(decoder.finish())[0] + stops.flush()  # held-back bytes, then text
+    def __init__(self, tokenizer: Tokenizer | None, prompt_len: int, sampling: SamplingParams, limit: int,
+                 stop_token_ids: Sequence[int], eos_token_ids: Sequence[int], on_token: OnToken | None = None):
+        self.start = time.perf_counter()
+        self.prompt_len, self.limit, self.on_token = prompt_len, limit, on_token
+        self.out_of_room = "max_new_tokens" if sampling.max_new_tokens else "cache_full"
+        self.stop_ids, self.eos_ids = frozenset(stop_token_ids), frozenset(eos_token_ids)
+        self.decoder = TextDecoder(tokenizer) if tokenizer is not None else None
+        self.stops = StopStrings(sampling.stop)
+        self.count = 0
+        self.first_at = math.nan
 
-            usage = None
-            if reason is not None:
-                rate = (count - 1) / (now - first_at) if count > 1 and now > first_at else math.nan
-                usage = Usage(len(prompt), count, first_at - start, rate, now - start)
-            yield Event(token, text, _logprobs(logits, token, sampling.logprobs), reason, usage)
-            if reason is not None:
-                return
-    finally:
-        steps.close()  # gives the KV cache back to the engine, also when the consumer stops early
+    def push(self, token: int, logprobs: Logprobs | None) -> Event:
+        """The event of the next token; its finish_reason is set when the request ends with it."""
+        now = time.perf_counter()
+        self.count += 1
+        if self.count == 1:
+            self.first_at = now
+        keep_going = self.on_token(token) if self.on_token is not None else True
 
+        text, reason = "", None
+        if token in self.stop_ids:
+            reason = "eos" if token in self.eos_ids else "stop_token"
+        elif self.decoder is not None:
+            text, hit = self.stops.push(self.decoder.step(token))
+            reason = "stop_string" if hit else None
+        if reason is None and keep_going is False:
+            reason = "cancelled"
+        elif reason is None and self.count == self.limit:
+            reason = self.out_of_room
+        if reason not in (None, "stop_string") and self.decoder is not None:
+            text += self.stops.push(self.decoder.finish())[0] + self.stops.flush()  # held-back bytes, then text
 
-def _logprobs(logits, token: int, n: int | None) -> Logprobs | None:
-    if n is None:
-        return None
-    chosen, top_ids, top_logp = token_logprobs(logits[:1], jnp.asarray([token]), min(n, logits.shape[-1]))
-    top_ids, top_logp = np.asarray(top_ids[0]), np.asarray(top_logp[0])
-    return Logprobs(float(chosen[0]), tuple((int(i), float(p)) for i, p in zip(top_ids, top_logp, strict=True)))
+        usage = None
+        if reason is not None:
+            rate = (self.count - 1) / (now - self.first_at) if self.count > 1 and now > self.first_at else math.nan
+            usage = Usage(self.prompt_len, self.count, self.first_at - self.start, rate, now - self.start)
+        return Event(token, text, logprobs, reason, usage)
 
 
 def collect(events: Iterator[Event]) -> Completion:

@@ -23,6 +23,7 @@ from flax import struct
 
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.quant import QuantizedWeight, dequantize, host_param
 from qwen3moe_jax.sharding import constrain, logical_spec, mesh_sizes, place
 
@@ -274,8 +275,13 @@ def attention(
 
 
 def write_cache(cache: Array, new: Array, start: Array) -> Array:
-    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))(cache, new, start)
+    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row.
+
+    Slots at or past S are dropped, not clamped: the engine parks rows that must not change (free rows,
+    rows part-way through their prompt) at position S, and a prompt's last chunk may run past the end."""
+    B, _, T, _ = new.shape
+    slots = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
+    return cache.at[jnp.arange(B)[:, None], :, slots].set(new.transpose(0, 2, 1, 3), mode="drop")
 
 
 def mlp(p: MLPParams, x: Array) -> Array:
@@ -334,8 +340,9 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     """The MoE block over the experts p holds: experts first_expert .. first_expert + len(p.gate) - 1 of the
     router's (all of them on one device). Pairs routed to other experts contribute nothing here.
 
-    The N*k (token, expert) pairs are sorted by expert, so each expert's weights multiply one contiguous
-    run of rows (a grouped matmul); no per-token copy of expert weights is made.
+    The kernel is config.moe_kernel (MOE_KERNELS, resolved by choose_moe_kernel). "gather" multiplies each
+    (token, expert) pair by its expert's weights; the grouped kernels sort the N*k pairs by expert, so each
+    expert's weights multiply one contiguous run of rows and no per-pair copy of expert weights is made.
     """
     B, T, E = x.shape
     k = config.num_experts_per_tok
@@ -346,23 +353,74 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     pair_expert = experts.reshape(-1) - first_expert  # [N*k], local expert ids
     # Pairs for experts held elsewhere get id `held`: they sort last, outside every group, and come out zero.
     pair_expert = jnp.where((pair_expert >= 0) & (pair_expert < held), pair_expert, held)
+    kernel = choose_moe_kernel(config.moe_kernel, pair_expert.shape[0], held)
+    if kernel == "gather":
+        out_rows = experts_swiglu_gather(p, jnp.repeat(flat, k, axis=0), pair_expert)
+        out = jnp.sum((out_rows * weights.reshape(-1)[:, None]).reshape(B * T, k, E), axis=1)
+        return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
     order = jnp.argsort(pair_expert, stable=True)
     pair_token = order // k
     group_sizes = jnp.bincount(pair_expert, length=held).astype(jnp.int32)
-    out_rows = experts_swiglu(p, flat[pair_token], pair_expert[order], group_sizes)
+    out_rows = experts_swiglu(p, flat[pair_token], pair_expert[order], group_sizes, kernel)
     out_rows = out_rows * weights.reshape(-1)[order][:, None]
     out = jnp.zeros_like(flat).at[pair_token].add(out_rows)
     return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
 
 
-def experts_swiglu(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
-    """SwiGLU of rows [M, E] sorted by expert, by the grouped kernel that is fast on this backend.
+# The MoE expert kernels (ModelConfig.moe_kernel: `load(moe_kernel=...)`, `--moe-kernel`), all exact:
+# - "gather": each (token, expert) pair multiplies its expert's weights, gathered per pair. Reads only the chosen
+#   experts, but copies one expert's matrices per pair: for few rows (decode).
+# - "blocked": pairs sorted by expert, each expert's run padded to whole blocks of b rows, one batched matmul
+#   over the blocks (b = 1 at decode, so only the chosen experts are read). Temporary memory grows with the rows.
+# - "ragged": lax.ragged_dot, the grouped GEMM of backends that have one (TPU). XLA:GPU (jax 0.9-0.11) lowers
+#   it to a dense batched dot over ALL experts (tokens x experts x FFN), XLA:CPU to a loop over all experts.
+# - "pallas": a Pallas grouped matmul over the blocked form's blocks that reads each block's expert weights in
+#   place, no gathered copy (pallas_moe.py): Triton on GPU, Pallas' interpreter elsewhere (slow: for tests).
+# "auto" picks per compiled shape from the backend and the number of pairs; see choose_moe_kernel.
+MOE_KERNELS = ("auto", "gather", "blocked", "ragged", "pallas")
 
-    XLA:CPU lowers ragged_dot to a masked loop over all experts, 8x slower than the blocked form (measured,
-    forward and gradient); on accelerators ragged_dot is the grouped GEMM it is meant to be.
-    """
-    kernel = experts_swiglu_blocked if jax.default_backend() == "cpu" else experts_swiglu_ragged
-    return kernel(p, rows, row_expert, group_sizes)
+
+def check_moe_kernel(name: str) -> str:
+    """name, if it is one of MOE_KERNELS; else a ConfigError that lists them."""
+    if name not in MOE_KERNELS:
+        raise ConfigError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {name!r}")
+    return name
+
+
+def choose_moe_kernel(name: str, pairs: int, experts: int) -> str:
+    """The kernel `name` stands for at `pairs` (token, expert) pairs over `experts` experts (static shapes: chosen
+    once per compiled shape). "auto" is ragged_dot where it is native (TPU); elsewhere the gather while the pairs
+    are no more than the experts (decode: it reads as many expert matrices as blocked does with b = 1, without
+    the sort and scatter), then the blocked form (prefill: whole blocks per expert, never tokens x experts)."""
+    if check_moe_kernel(name) != "auto":
+        return name
+    if jax.default_backend() == "tpu":
+        return "ragged"
+    return "gather" if pairs <= experts else "blocked"
+
+
+def experts_swiglu(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array, kernel: str = "auto") -> Array:
+    """SwiGLU of rows [M, E] sorted by expert, by a grouped kernel of MOE_KERNELS ("auto" as choose_moe_kernel
+    says; "gather" runs as "blocked", which for sorted rows reads the same weights)."""
+    kernel = choose_moe_kernel(kernel, rows.shape[0], group_sizes.shape[0])
+    if kernel == "ragged":
+        return experts_swiglu_ragged(p, rows, row_expert, group_sizes)
+    if kernel == "pallas":
+        from qwen3moe_jax.pallas_moe import experts_swiglu_pallas  # Pallas loads only for this kernel
+
+        return experts_swiglu_pallas(p, rows, row_expert, group_sizes)
+    return experts_swiglu_blocked(p, rows, row_expert, group_sizes)
+
+
+def experts_swiglu_gather(p: MoEParams, rows: Array, row_expert: Array) -> Array:
+    """SwiGLU of each row [M, E] by its own expert's weights (row_expert [M], any order), gathered per row.
+    Rows whose expert id is the number of experts (held by another device) come out zero. Indexing a
+    QuantizedWeight gathers its values and scales alike."""
+    held = p.gate.shape[0]
+    expert = jnp.minimum(row_expert, held - 1)
+    h = jax.nn.silu(einsum("me,mef->mf", rows, p.gate[expert])) * einsum("me,mef->mf", rows, p.up[expert])
+    out = einsum("mf,mfe->me", h, p.down[expert])
+    return jnp.where((row_expert < held)[:, None], out, 0)
 
 
 def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
@@ -385,16 +443,47 @@ def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_si
 
 def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:
     """The same grouped SwiGLU as dense batched matmuls: each expert's run of rows is padded to whole blocks
-    of b rows, every block is multiplied by its expert's weights, and the padding is dropped again.
-
-    b is about M / experts (a power of two, at most 256), so the blocks number at most about 3x the experts
-    and padding costs at most experts * (b - 1) rows; for a decode step b = 1 and only the chosen experts'
-    weights are read. Indexing a QuantizedWeight by block_expert gathers its values and scales alike.
+    of b rows (expert_blocks), every block is multiplied by its expert's weights, and the padding is dropped
+    again. Indexing a QuantizedWeight by block_expert gathers its values and scales alike.
     Rows whose expert id is the number of experts (held by another device) come out zero.
     """
     M, E = rows.shape
     X = group_sizes.shape[0]
     b = min(256, 1 << (max(1, M // X).bit_length() - 1))
+    blocks, block_expert, slot = expert_blocks(rows, row_expert, group_sizes, b)
+
+    def swiglu(blocks: Array, block_expert: Array) -> Array:
+        h = jax.nn.silu(einsum("nbe,nef->nbf", blocks, p.gate[block_expert]))
+        h = h * einsum("nbe,nef->nbf", blocks, p.up[block_expert])
+        return einsum("nbf,nfe->nbe", h, p.down[block_expert])
+
+    n = blocks.shape[0]
+    if n <= BLOCKS_PER_STEP:
+        out = swiglu(blocks, block_expert)
+    else:  # a step at a time, so the gathered weights are those of BLOCKS_PER_STEP blocks, not of all of them
+        steps = -(-n // BLOCKS_PER_STEP)
+        blocks = jnp.pad(blocks, ((0, steps * BLOCKS_PER_STEP - n), (0, 0), (0, 0)))
+        block_expert = jnp.pad(block_expert, (0, steps * BLOCKS_PER_STEP - n), constant_values=X - 1)
+        out = jax.lax.map(lambda a: swiglu(*a), (blocks.reshape(steps, BLOCKS_PER_STEP, b, E),
+                                                 block_expert.reshape(steps, BLOCKS_PER_STEP)))
+    return out.reshape(-1, E).at[slot].get(mode="fill", fill_value=0)
+
+
+# The blocked kernel multiplies at most this many blocks at once: its temporary copy of expert weights is then at
+# most that many experts' (16 of the 30B-A3B's 128: 150 MB in bfloat16), however many tokens a prefill has.
+BLOCKS_PER_STEP = 16
+
+
+def expert_blocks(rows: Array, row_expert: Array, group_sizes: Array, b: int) -> tuple[Array, Array, Array]:
+    """Rows [M, E] sorted by expert -> (blocks [n_blocks, b, E], each block's expert [n_blocks], each row's slot
+    [M] in the flattened blocks): each expert's run of rows padded to whole blocks of b rows, zeros after.
+
+    With b about M / experts (a power of two), the blocks number at most about 3x the experts and padding costs
+    at most experts * (b - 1) rows; with b = 1 (a decode step) a block is one row, so only the chosen experts'
+    weights are read. Rows whose expert id is the number of experts get slot n_blocks * b, out of range.
+    """
+    M, E = rows.shape
+    X = group_sizes.shape[0]
     n_blocks = -(-(M + X * (b - 1)) // b)  # enough for any split of M rows into X padded runs
     padded_sizes = -(-group_sizes // b) * b
     padded_ends = jnp.cumsum(padded_sizes)
@@ -405,10 +494,7 @@ def experts_swiglu_blocked(p: MoEParams, rows: Array, row_expert: Array, group_s
     blocks = jnp.zeros((n_blocks * b, E), rows.dtype).at[slot].set(rows, mode="drop").reshape(n_blocks, b, E)
     # Blocks past the last run hold only zeros; any expert serves them.
     block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(n_blocks) * b, side="right"), X - 1)
-    h = jax.nn.silu(einsum("nbe,nef->nbf", blocks, p.gate[block_expert]))
-    h = h * einsum("nbe,nef->nbf", blocks, p.up[block_expert])
-    out = einsum("nbf,nfe->nbe", h, p.down[block_expert]).reshape(n_blocks * b, E)
-    return out.at[slot].get(mode="fill", fill_value=0)
+    return blocks, block_expert, slot
 
 
 def forward(
@@ -419,8 +505,8 @@ def forward(
     Returns the final-normed hidden states, the updated cache and, per layer, the router logits
     [B, T, experts] (None for a dense layer). Callers that drop the router logits pay nothing for them:
     jit removes outputs nobody reads. The caller guarantees start + T <= cache length
-    (dynamic_update_slice would otherwise clamp) and, with a `window` (a static attention span; default
-    the whole cache), start + T <= window.
+    for the tokens whose keys matter (slots past the cache are dropped) and, with a `window` (a static
+    attention span; default the whole cache), start + T <= window for the tokens whose outputs matter.
     """
     T = tokens.shape[1]
     window = cache.max_len if window is None else window

@@ -2,26 +2,23 @@
 
 Under jax.distributed every jit step over a multi-process mesh is one program that all processes must run,
 in the same order, with the same inputs. `qwen3moe-jax generate` gets that for free (every process runs the
-same command); a server does not, since only process 0 sees the requests. So process 0's engine announces
-each request (prompt, sampling settings, token limit) and, token by token, whether it goes on; the other
-processes run `follow`, which replays the same Engine.tokens calls from those messages. The messages travel
-as small JAX collectives (multihost_utils.broadcast_one_to_all), nothing home-made.
+same command); a server does not, since only process 0 sees the requests. So process 0's scheduler runs
+each engine step through `leader_call`, which first sends the step (its name and plain-value arguments) to
+the other processes; they run `follow`, which replays the same Engine.call from those messages. The
+messages travel as small JAX collectives (multihost_utils.broadcast_one_to_all), nothing home-made.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from qwen3moe_jax.engine import Engine
-from qwen3moe_jax.sampling import SamplingParams
-
-CONTINUE, STOP = 1, 0
+from qwen3moe_jax.engine import Engine, StepTokens
 
 
 def _broadcast_json(message: dict | None) -> dict:
@@ -32,45 +29,23 @@ def _broadcast_json(message: dict | None) -> dict:
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
 
 
-def _broadcast_flag(flag: int | None) -> int:
-    return int(multihost_utils.broadcast_one_to_all(np.int32(0 if flag is None else flag)))
+def leader_call(engine: Engine) -> Callable[..., StepTokens]:
+    """Engine.call on process 0 of a multi-process server, sending each step to the followers first."""
 
+    def call(op: str, **kwargs: Any) -> StepTokens:
+        _broadcast_json({"op": op, **kwargs})
+        return engine.call(op, **kwargs)
 
-def _sampling_fields(sampling: SamplingParams) -> dict:
-    # Only what the device steps read; stop strings and ids are process 0's business.
-    names = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed")
-    return {name: getattr(sampling, name) for name in names}
-
-
-def lead(
-    engine: Engine, prompt: Sequence[int], sampling: SamplingParams, limit: int
-) -> Iterator[tuple[int, jax.Array]]:
-    """Engine.tokens on process 0 of a multi-process server, telling the followers each step to take."""
-    _broadcast_json({"prompt": list(prompt), "sampling": _sampling_fields(sampling), "limit": limit})
-    steps = engine.local_tokens(prompt, sampling, limit)
-    try:
-        for item in steps:
-            yield item
-            _broadcast_flag(CONTINUE)  # the consumer wants the next token: the followers step too
-    finally:
-        _broadcast_flag(STOP)
-        steps.close()
+    return call
 
 
 def follow(engine: Engine) -> None:
-    """On processes other than 0: replay process 0's requests until it shuts down."""
+    """On processes other than 0: replay process 0's engine steps until it shuts down."""
     while (message := _broadcast_json(None)).get("shutdown") is None:
-        sampling = dataclasses.replace(SamplingParams(), **message["sampling"])
-        steps = engine.local_tokens(message["prompt"], sampling, message["limit"])
         try:
-            next(steps)
-            while _broadcast_flag(None) == CONTINUE:
-                next(steps, None)
-        except Exception:  # process 0 hit the same error at the same step and ends the request with STOP
-            while _broadcast_flag(None) == CONTINUE:
-                pass
-        finally:
-            steps.close()
+            engine.call(**message)
+        except Exception:  # process 0 hit the same error in the same step and resets its engine alike
+            engine.reset()
     jax.distributed.shutdown()  # meets process 0 at the shutdown barrier
 
 

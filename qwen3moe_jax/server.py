@@ -20,14 +20,14 @@ always before a response starts, so a streaming request with bad parameters gets
      `TokenizerProcess`, a child process, since the tokenizer holds the GIL), token ids against the
      vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared` request (token ids +
      SamplingParams), cannot fail on its input any more.
-  5. `start` wraps it in a `Job` for `Worker`, one thread that runs requests one after another through the
-     model's single KV cache (the engine's batch rows could carry several streams in one decode step; this
-     server does not batch yet). The worker passes each event to the job's asyncio queue; the response reads
-     from it.
-A job is cancelled (its `cancelled` event set; the generation loop's on_token callback then returns False
-at the next token, or the worker skips it if it has not started) when its client goes away: for a streaming
-response Starlette stops the body iterator (see _sse); for a whole response `_respond` waits for the
-ASGI http.disconnect message beside the events.
+  5. `start` submits it to the model's scheduler (scheduler.py), whose loop runs on a thread of its own
+     (`Worker`): up to --max-batch requests share each decode step, and up to --max-queue wait for a row;
+     beyond that a request gets 503 with Retry-After. The loop passes each event to the job's asyncio queue;
+     the response reads from it.
+A job is cancelled (its request leaves the scheduler at the next step, freeing its row without disturbing
+the others) when its client goes away: for a streaming response Starlette stops the body iterator (see
+_sse); for a whole response `_respond` waits for the ASGI http.disconnect message beside the events.
+/metrics serves Prometheus text (prometheus_client), from a registry of each app's own.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import hmac
 import ipaddress
 import json
 import math
-import queue
 import re
 import secrets
 import subprocess
@@ -49,22 +48,25 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from qwen3moe_jax import scheduler as sched
 from qwen3moe_jax.api import Model
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
 from qwen3moe_jax.sampling import SamplingParams
+from qwen3moe_jax.scheduler import Emit, QueueFull, Scheduler
 from qwen3moe_jax.tokenizer import Tokenizer
 
 FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
@@ -344,16 +346,16 @@ def is_loopback(host: str) -> bool:
 
 @dataclasses.dataclass
 class Job:
-    """One request in flight: its lazy event stream, and the queue its response reads from."""
+    """One request in flight: the scheduler's request, and the queue its response reads from."""
 
     loop: asyncio.AbstractEventLoop
+    request: sched.Request
+    cancel: Callable[[], None]  # ends the request at the scheduler's next step (a no-op once it ended)
     out: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    events: Iterator[Event] | None = None
 
     def put(self, item: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.out.put_nowait, _DONE if item is None else item)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
 
@@ -361,47 +363,62 @@ class Job:
 _DONE = object()
 
 
-class Worker:
-    """Runs queued requests one at a time on a thread of its own, off the event loop."""
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
 
-    def __init__(self) -> None:
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.decoded_tokens = 0
-        self.finished = 0
-        self.cancelled = 0
-        self.running = 0
-        threading.Thread(target=self._run, name="generation", daemon=True).start()
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        running = Gauge("qwen3moe_requests_running", "Requests holding a KV-cache row", registry=self.registry)
+        running.set_function(lambda: scheduler.running)
+        waiting = Gauge("qwen3moe_requests_waiting", "Requests waiting for a row", registry=self.registry)
+        waiting.set_function(lambda: scheduler.queued)
+        self.generated = Counter("qwen3moe_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.finished = Counter("qwen3moe_requests_finished", "Requests ended, by how they ended", ["reason"],
+                                registry=self.registry)
+        self.ttft = Histogram("qwen3moe_time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.itl = Histogram("qwen3moe_inter_token_latency_seconds", "Between a request's consecutive tokens",
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=self.registry)
 
-    def on_token_for(self, job: Job):
-        def on_token(token: int) -> bool:
-            self.decoded_tokens += 1
-            return not job.cancelled.is_set()
+    def watch(self, job: Job) -> Emit:
+        """The emitter of job's request: passes its events on and records them."""
+        arrived, last, reason = time.perf_counter(), None, None
 
-        return on_token
-
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            self.running = 1
-            try:
-                if not job.cancelled.is_set():
-                    for event in job.events:
-                        job.put(event)
-            except Exception as err:  # reported to the client; the worker keeps serving
-                job.put(err)
-            finally:
-                job.events.close()
-                if job.cancelled.is_set():
-                    self.cancelled += 1
+        def emit(item: Any) -> None:
+            nonlocal last, reason
+            if isinstance(item, Exception):
+                reason = "error"
+            elif item is None:  # the request is over: a request that ended without a last event was cancelled
+                self.finished.labels(reason or "cancelled").inc()
+            elif isinstance(item, Event):
+                reason = item.finish_reason
+                now = time.perf_counter()
+                if last is None:
+                    self.prompt.inc(len(job.request.prompt))
+                    self.ttft.observe(now - arrived)
                 else:
-                    self.finished += 1
-                self.running = 0
-                job.put(_DONE)
+                    self.itl.observe(now - last)
+                last = now
+                self.generated.inc()
+            job.put(item)
 
-    def metrics(self) -> dict[str, int]:
-        return {"decoded_tokens": self.decoded_tokens, "requests_finished": self.finished,
-                "requests_cancelled": self.cancelled, "requests_running": self.running,
-                "requests_queued": self.jobs.qsize()}
+        return emit
+
+
+class Worker:
+    """Runs the scheduler's loop on a thread of its own, off the event loop, until stopped."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=scheduler.serve_forever, args=(self.stopped,), name="generation",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=30)
 
 
 # ------------------------------------------------------------------------------------- tokenizer process
@@ -467,10 +484,12 @@ class TokenizerProcess:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """A request that passed every check and can only fail now if the server does: its prompt's token ids
-    and its sampling settings (stop ids resolved: the chat stop ids, or None for the model's EOS ids)."""
+    and its sampling settings (stop ids resolved: the chat stop ids, or None for the model's EOS ids), and
+    the scheduler's request made of them."""
 
     prompt: list[int]
     sampling: SamplingParams
+    request: sched.Request | None = None
 
 
 # Each parameter of OpenAI's that the server does not implement, with its values that ask for nothing.
@@ -521,7 +540,7 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
         raise ApiError(400, str(err), "messages", "invalid_value") from err
     except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-    return _checked(model, Prepared(encode(text), params), "messages")
+    return _checked(model, encode(text), params, "messages")
 
 
 def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> Prepared:
@@ -529,33 +548,46 @@ def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) ->
     in a thread)."""
     params = sampling_params(model, body, body.max_tokens, body.logprobs)
     if isinstance(body.prompt, list):
-        return _checked(model, Prepared(body.prompt, params), "prompt")
+        return _checked(model, body.prompt, params, "prompt")
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt", "invalid_value")
-    return _checked(model, Prepared(encode(body.prompt), params), "prompt")
+    return _checked(model, encode(body.prompt), params, "prompt")
 
 
-def _checked(model: Model, request: Prepared, param: str) -> Prepared:
-    """`request` once Model.stream accepts it: token ids in the vocabulary, prompt + max_tokens within the KV
-    cache, stop strings only with a tokenizer. (Model.stream checks before it runs anything and returns a
-    lazy generator, closed here unstarted.)"""
+def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str) -> Prepared:
+    """The request once Model.request accepts it: token ids in the vocabulary, prompt + max_tokens within the
+    KV cache, stop strings only with a tokenizer, logprobs within what the engine computes."""
     try:
-        model.stream(request.prompt, sampling=request.sampling).close()
+        return Prepared(prompt, sampling, model.request(prompt, sampling))
     except ContextLengthError as err:
         raise ApiError(400, str(err), param, "context_length_exceeded") from err
     except Qwen3MoeError as err:
         raise ApiError(400, str(err), param, "invalid_value") from err
-    return request
 
 
 def create_app(model: Model, model_name: str, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The server's app. With api_key, every /v1 route needs `Authorization: Bearer api_key`; /health,
-    /metrics and /openapi.json stay open. Bodies over max_request_bytes get 413."""
-    app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None)
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The server's app over model's scheduler, whose loop runs while the app does. With api_key, every /v1
+    route needs `Authorization: Bearer api_key`; /health, /metrics and /openapi.json stay open. Bodies over
+    max_request_bytes get 413. max_queue bounds the requests waiting for a KV-cache row (None: the
+    scheduler's own setting); on_shutdown runs after the loop stops."""
+    scheduler = model.scheduler
+    if max_queue is not None:
+        scheduler.max_queue = max_queue
+    metrics = Metrics(scheduler)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker = Worker(scheduler)
+        yield
+        worker.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.router.route_class = _JsonRoute
     app.add_middleware(_Gate, api_key=api_key, max_request_bytes=max_request_bytes)
-    worker = Worker()
     encoder = TokenizerProcess(model.tokenizer) if model.tokenizer is not None else None
     encode = encoder.encode if encoder is not None else model.encode
     created = int(time.time())
@@ -588,8 +620,8 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
         return {"status": "ready", "model": model_name}  # the app only starts serving once compiled
 
     @app.get("/metrics")
-    async def metrics() -> dict[str, int]:
-        return worker.metrics()
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -601,10 +633,15 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
             raise ApiError(404, f"the model {requested[:200]!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def start(request: Prepared) -> Job:
-        job = Job(asyncio.get_running_loop())
-        job.events = model.stream(request.prompt, sampling=request.sampling, on_token=worker.on_token_for(job))
-        worker.jobs.put(job)
+    def start(prepared: Prepared) -> Job:
+        request = prepared.request
+        job = Job(asyncio.get_running_loop(), request, lambda: scheduler.cancel(request))
+        request.emit = metrics.watch(job)
+        try:
+            scheduler.submit(request)
+        except QueueFull as err:
+            raise ApiError(503, f"the server is busy: {err}; retry shortly", kind="server_error",
+                           code="server_busy", headers={"Retry-After": "1"}) from err
         return job
 
     @app.post("/v1/chat/completions")
@@ -667,7 +704,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     http.disconnect: the client closed the connection (or the response went out, and this was cancelled)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancelled.set()
+    job.cancel()
 
 
 async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[str]:
@@ -691,7 +728,7 @@ async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[st
         yield data({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
                               "code": None}})
     finally:
-        job.cancelled.set()  # a no-op once the job is done
+        job.cancel()  # a no-op once the request ended
     yield "data: [DONE]\n\n"
 
 
@@ -762,52 +799,38 @@ def _usage(usage) -> dict[str, int]:
 
 
 def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int, api_key: str | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
-    """Compile for prompts up to warmup_tokens (one prefill per length bucket) and decode, then serve
-    (see create_app for api_key and max_request_bytes).
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_queue: int | None = None) -> None:
+    """Compile for prompts up to warmup_tokens (every prefill chunk shape they use) and decode, then serve
+    (see create_app for api_key, max_request_bytes and max_queue).
     Under multi-host every process warms up alike; process 0 serves and the others follow its steps."""
     import jax
     import uvicorn
 
     from qwen3moe_jax import multihost
     from qwen3moe_jax.compile_cache import CacheLookups
-    from qwen3moe_jax.engine import attention_window, bucket_length
 
     leader = jax.process_index() == 0
     if leader and api_key is None and not is_loopback(host):
         print(f"[warning: binding {host}, which other machines can reach, without an API key: anyone who reaches "
               "the port can use the model; set QWEN3MOE_JAX_API_KEY or --api-key]", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    limit = min(warmup_tokens, model.max_seq_len - 1)
-    buckets = [bucket_length(1, model.max_seq_len)]  # one prompt per prefill bucket, 16, 32, ... holding `limit`
-    while buckets[-1] < limit:
-        buckets.append(bucket_length(buckets[-1] + 1, model.max_seq_len))
-    windows = [attention_window(1, model.max_seq_len)]
-    while windows[-1] < model.max_seq_len:
-        windows.append(attention_window(windows[-1] + 1, model.max_seq_len))
-    for i, bucket in enumerate(buckets):
-        # The first warm-up also compiles decode for every attention window a request can reach.
-        what = f"prefill bucket {bucket}" + (f" and decode, windows {', '.join(map(str, windows))}" if i == 0 else "")
+    steps = model.engine.warmup_steps(warmup_tokens, None, all_buckets=True)
+    for i, (what, compile_step) in enumerate(steps):
         if leader:
-            print(f"[compile {i + 1}/{len(buckets)}] {what} ...", end="", file=sys.stderr, flush=True)
+            print(f"[compile {i + 1}/{len(steps)}] {what} ...", end="", file=sys.stderr, flush=True)
         step_start = time.perf_counter()
         with CacheLookups() as lookups:
-            model.engine.warmup(min(bucket, model.max_seq_len - 1))
+            compile_step()
         if leader:
             print(f" {time.perf_counter() - step_start:.1f}s{lookups.summary()}", file=sys.stderr, flush=True)
     if not leader:
         multihost.follow(model.engine)
         return
-    print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port}]",
-          file=sys.stderr, flush=True)
-    app = create_app(model, model_name, api_key, max_request_bytes)
+    print(f"[compiled in {time.perf_counter() - start:.1f}s; serving {model_name!r} on http://{host}:{port} "
+          f"with up to {model.max_batch} requests per decode step]", file=sys.stderr, flush=True)
+    on_shutdown = None
     if jax.process_count() > 1:
-        model.engine.leading = True
-
-        @contextlib.asynccontextmanager
-        async def release_followers(_: FastAPI) -> AsyncIterator[None]:
-            yield
-            multihost.shutdown()  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
-
-        app.router.lifespan_context = release_followers
+        model.scheduler.call = multihost.leader_call(model.engine)
+        on_shutdown = multihost.shutdown  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
+    app = create_app(model, model_name, api_key, max_request_bytes, max_queue, on_shutdown)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -3,6 +3,7 @@ logprobs, and the SAM/REP contracts measured on generated text (CONTRACTS.md, Sa
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.generation import StopStrings, stream_events
+from qwen3moe_jax.generation import StopStrings
 from qwen3moe_jax.tokenizer import Tokenizer
 
 SEEDED = qj.SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=11)
@@ -45,13 +46,13 @@ def test_str3_streamed_tokens_and_text_equal_the_collected_result(model, samplin
 
 def test_str1_callback_sees_every_token_before_the_event_and_the_stop_check(model, free_run):
     stop = free_run[5]
-    seen, events_at = [], []
+    seen, events = [], []
     for event in model.stream(PROMPT, 32, stop_token_ids=[stop], on_token=seen.append):
-        events_at.append(len(seen))
-        assert seen[-1] == event.token_id  # the callback already saw this token
+        events.append(event.token_id)
+        # The callback already saw this token (with decode_steps > 1 it may have seen the rest of its block).
+        assert seen[: len(events)] == events
     expected = free_run[: free_run.index(stop) + 1]
-    assert seen == expected  # the stop token included
-    assert events_at == list(range(1, len(expected) + 1))
+    assert seen == events == expected  # the stop token included, nothing after it
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
@@ -65,16 +66,16 @@ def test_str2_callback_returning_false_stops_after_exactly_k_tokens(model, free_
     result = model.complete(PROMPT, 32, stop_token_ids=[], on_token=on_token)
     assert result.token_ids == free_run[:k] and calls == free_run[:k]
     assert result.finish_reason == "cancelled"
-    assert model.engine._cache is not None  # the cache went back to the engine
+    assert model.scheduler.running == 0  # the request's row is free again
     assert model.generate(PROMPT, 32, stop_token_ids=[]) == free_run  # and the next request is unharmed
 
 
-def test_str2_closing_the_iterator_ends_the_request_and_frees_the_cache(model, free_run):
+def test_str2_closing_the_iterator_ends_the_request_and_frees_its_row(model, free_run):
     events = model.stream(PROMPT, 32, stop_token_ids=[])
     assert [next(events).token_id for _ in range(3)] == free_run[:3]
-    assert model.engine._cache is None  # held by the running request
+    assert model.scheduler.running == 1  # the running request holds a row
     events.close()
-    assert model.engine._cache is not None
+    assert model.scheduler.running == 0
     assert list(events) == []
     assert model.generate(PROMPT, 32, stop_token_ids=[]) == free_run
 
@@ -142,8 +143,9 @@ def test_finish_reasons_and_usage(model, free_run):
     assert as_stop.token_ids == cut and as_stop.finish_reason == "stop_token"
     assert as_stop.text == model.tokenizer.decode(cut[:-1])  # a stop token shows no text
     # The same id, named as the model's EOS.
-    events = stream_events(model.engine, model.tokenizer, prompt, qj.SamplingParams(max_new_tokens=32),
-                           stop_token_ids=[stop], eos_token_ids=[stop])
+    eos_model = copy.copy(model)
+    eos_model.config = model.config.replace(eos_token_ids=(stop,))
+    events = eos_model.stream(prompt, sampling=qj.SamplingParams(max_new_tokens=32))
     assert [e.finish_reason for e in events][-1] == "eos"
 
     full = model.complete(PROMPT, sampling=qj.SamplingParams(max_new_tokens=None), stop_token_ids=[])
@@ -211,3 +213,43 @@ def test_rep4_the_penalty_changes_the_outcome_distribution(model):
           f"total variation between the token distributions {tv:.2f}")
     assert penalised < plain
     assert tv > 0.05
+
+
+def _without_timing(events):
+    return [(e.token_id, e.text, e.logprobs, e.finish_reason, e.usage and e.usage.completion_tokens) for e in events]
+
+
+def test_decode_steps_give_the_events_of_one_step_per_call(model, free_run):
+    """decode_steps k in {1, 3, 4}: the same events (ids, text, logprobs, finish reasons) for a stop token and a
+    stop string landing mid-block, max_tokens no multiple of k and a cancel from on_token; the tokens a block
+    computed past the end never reach the consumer or the callback."""
+    text = model.tokenizer.decode(free_run)
+    stop_string = next(text[a:a + 2] for a in range(len(model.tokenizer.decode(free_run[:4])), len(text) - 2)
+                       if text[a:a + 2].strip() and text[a:a + 2] not in text[:a + 1])
+    cases = [dict(max_new_tokens=11, stop_token_ids=()),
+             dict(max_new_tokens=32, stop_token_ids=(free_run[7],)),
+             dict(max_new_tokens=32, stop_token_ids=(), stop=(stop_string,)),
+             dict(max_new_tokens=13, stop_token_ids=(), logprobs=3, temperature=0.9, seed=4),
+             dict(max_new_tokens=32, stop_token_ids=(), cancel_after=5)]
+    results = {}
+    for k in (1, 3, 4):
+        stepped = qj.Model(model.config, model.params, model.tokenizer, model.max_seq_len, decode_steps=k)
+        for i, case in enumerate(cases):
+            case = dict(case)
+            cancel_after, seen = case.pop("cancel_after", None), []
+
+            def on_token(token, seen=seen, cancel_after=cancel_after):
+                seen.append(token)
+                return cancel_after is None or len(seen) < cancel_after
+
+            events = list(stepped.stream(PROMPT, sampling=qj.SamplingParams(**case), on_token=on_token))
+            assert seen == [e.token_id for e in events]  # the callback saw no token past the end
+            results.setdefault(i, []).append(_without_timing(events))
+    for i, runs in results.items():
+        assert runs[1] == runs[0] and runs[2] == runs[0], cases[i]
+    ends = [runs[0][-1][3] for runs in results.values()]
+    assert ends == ["max_new_tokens", "stop_token", "stop_string", "max_new_tokens", "cancelled"]
+    assert [len(results[i][0]) for i in (0, 3, 4)] == [11, 13, 5]
+    # The stops land inside a block: the first token comes from prefill, then blocks of k end at 1 + m*k.
+    for i in (1, 2):
+        assert all((len(results[i][0]) - 1) % k for k in (3, 4)), len(results[i][0])

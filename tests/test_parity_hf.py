@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
+from qwen3moe_jax.model import MOE_KERNELS
 from qwen3moe_jax.parity import hf_greedy, hf_logits
 from tests.hf_reference import save_hf_model
 
@@ -54,3 +55,26 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
     prompt = [0, *ids[:6]]  # token 0 on purpose: it is also the pad id the reference generate() is given
     ours_greedy = model.generate(prompt, max_new_tokens=32, stop_token_ids=[])
     assert ours_greedy == hf_greedy(hf, prompt, 32)
+
+
+@pytest.mark.parametrize("kernel", MOE_KERNELS)
+def test_every_moe_kernel_matches_transformers(kernel, tmp_path):
+    """Each MoE kernel (the Pallas one interpreted on the CPU) gives transformers' logits over a 37-token prompt
+    (prefill: many rows per expert) and its greedy tokens (decode: one row, few experts). Two MoE layers of 16
+    experts, top 4, and a width (20) that is no power of two."""
+    shape = dict(SHAPES["gqa8-tied-16experts-top4-norm"], moe_intermediate_size=20)
+    hf = save_hf_model(tmp_path, seed=7, **shape)
+    model = qj.load(tmp_path, dtype="float32", max_seq_len=64, progress=False, moe_kernel=kernel)
+    assert model.config.moe_kernel == kernel
+
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=37).tolist()
+    np.testing.assert_allclose(model.logits(ids), hf_logits(hf, ids), atol=2e-5, rtol=1e-5)
+    prompt = [0, *ids[:5]]
+    assert model.generate(prompt, max_new_tokens=12, stop_token_ids=[]) == hf_greedy(hf, prompt, 12)
+
+
+def test_an_unknown_moe_kernel_is_a_config_error():
+    with pytest.raises(qj.ConfigError, match="moe_kernel must be one of auto, gather"):
+        qj.load(None, moe_kernel="dense")
+    with pytest.raises(qj.ConfigError, match="moe_kernel"):
+        qj.random_model("tiny", moe_kernel="")

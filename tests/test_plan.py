@@ -22,7 +22,7 @@ def test_plan_matches_the_bytes_of_a_sharded_model():
     for dtype in ("float32", "int8"):
         model = qj.random_model("tiny", dtype=dtype, max_seq_len=64, mesh=mesh)
         model.generate([1, 2, 3], 2, stop_token_ids=[])  # allocates the cache
-        cache = model.engine._cache
+        cache = model.engine.cache
         expected = plan(model.config, {"expert": 2, "tensor": 4}, dtype, context=64, batch=1)
         assert expected.params_per_device == on_first_device(jax.tree.leaves(model.params), mesh)
         assert expected.cache_per_device == on_first_device(cache.k + cache.v, mesh)

@@ -21,7 +21,9 @@ from qwen3moe_jax.model import (
     MoEParams,
     ParamSpec,
     einsum,
+    experts_swiglu,
     experts_swiglu_blocked,
+    experts_swiglu_gather,
     experts_swiglu_ragged,
     forward,
     lm_logits,
@@ -136,7 +138,12 @@ def test_quantized_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_s
                                atol=0.02 * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("kernel", [experts_swiglu_blocked, experts_swiglu_ragged])
+def _gather(p, x, row_expert, sizes):
+    return experts_swiglu_gather(p, x, row_expert)
+
+
+@pytest.mark.parametrize("kernel", [experts_swiglu_blocked, experts_swiglu_ragged, _gather,
+                                    partial(experts_swiglu, kernel="pallas")])
 @pytest.mark.parametrize("rows, sizes", [(3, [0, 2, 0, 0, 1, 0]), (40, [10, 0, 7, 13, 0, 10])])
 def test_expert_kernels_with_quantized_weights_equal_the_dequantized_weights(kernel, rows, sizes):
     rng = np.random.default_rng(rows)

@@ -182,7 +182,8 @@ def test_sam5_bad_parameters_are_refused(kwargs):
 def test_seeded_generation_reproduces_and_new_parameters_do_not_recompile():
     """SAM-2 in process, end to end; sampling parameters are traced values, so no recompilation."""
     import qwen3moe_jax as qj
-    from qwen3moe_jax.engine import decode_step, prefill_step
+    from qwen3moe_jax.engine import decode_block as decode_step
+    from qwen3moe_jax.engine import prefill_chunk as prefill_step
 
     model = qj.random_model("tiny", std=0.2, max_seq_len=40)  # a cache length only this test uses
     params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5)

@@ -35,7 +35,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def local():
     """The same weights in this process (the CLI's preset init), as the reference for what the server says."""
-    return qj.random_model("tiny", std=0.2, max_seq_len=MAX_SEQ_LEN)
+    return qj.random_model("tiny", std=0.2, max_seq_len=MAX_SEQ_LEN, max_batch=8)  # the server's --max-batch
 
 
 def test_health_and_models(server, client):
@@ -112,8 +112,18 @@ def test_usage_chunk_and_done_marker(server):
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """/metrics (Prometheus text) as {name or name{labels}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {sample.name + "".join(f"{{{k}={v}}}" for k, v in sample.labels.items()): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def test_sse4_a_client_that_leaves_stops_generation(server):
-    before = httpx.get(f"{server}/metrics").json()
+    before = _metrics(server)
+    cancelled = "qwen3moe_requests_finished_total{reason=cancelled}"
     with httpx.stream("POST", f"{server}/v1/completions", json={
             "model": "tiny", "prompt": "a", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 1.0, "seed": 1,
             "stream": True}) as response:
@@ -121,13 +131,13 @@ def test_sse4_a_client_that_leaves_stops_generation(server):
         for _ in range(3):
             next(line for line in lines if line)
     deadline = time.time() + 30
-    while (after := httpx.get(f"{server}/metrics").json())["requests_running"] or \
-            after["requests_cancelled"] == before["requests_cancelled"]:
+    while (after := _metrics(server))["qwen3moe_requests_running"] or \
+            after.get(cancelled, 0) == before.get(cancelled, 0):
         assert time.time() < deadline, after
         time.sleep(0.05)
-    decoded = after["decoded_tokens"] - before["decoded_tokens"]
+    decoded = after["qwen3moe_generated_tokens_total"] - before["qwen3moe_generated_tokens_total"]
     print(f"SSE-4: the client left after 3 chunks; the server decoded {decoded} of {MAX_SEQ_LEN - 8} tokens")
-    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after[cancelled] == before.get(cancelled, 0) + 1
     assert decoded < (MAX_SEQ_LEN - 8) // 2
 
 
@@ -147,6 +157,66 @@ def test_concurrent_streams_each_get_their_own_tokens(client, local):
     for t in threads:
         t.join(timeout=120)
     assert results == alone
+
+
+# Issue 20.7: every request parameter over HTTP gives the tokens of the same SamplingParams via Model.complete.
+PROMPT = "def fibonacci(n):"
+PARAMETER_CASES = {  # name: (request fields, the SamplingParams fields they mean)
+    "temperature": ({"temperature": 0.7, "seed": 5}, dict(temperature=0.7, seed=5)),
+    "top_k": ({"temperature": 1.0, "top_k": 5, "seed": 6}, dict(temperature=1.0, top_k=5, seed=6)),
+    "top_p": ({"temperature": 1.0, "top_p": 0.5, "seed": 7}, dict(temperature=1.0, top_p=0.5, seed=7)),
+    "seed": ({"temperature": 1.0, "seed": 123}, dict(temperature=1.0, seed=123)),
+    "repetition_penalty": ({"temperature": 0, "repetition_penalty": 1.8}, dict(repeat_penalty=1.8)),
+    "repeat_last_n": ({"temperature": 0, "repetition_penalty": 1.8, "repeat_last_n": 3},
+                      dict(repeat_penalty=1.8, repeat_last_n=3)),
+    "stop": ({"temperature": 0, "stop": ["STOP"]}, dict(stop=("STOP",))),  # STOP is set from the text below
+    "logprobs": ({"temperature": 0, "logprobs": 3}, dict(logprobs=3)),
+    "max_tokens": ({"temperature": 0, "max_tokens": 7}, dict(max_new_tokens=7)),
+}
+
+
+def _parameter_cases(local):
+    """The cases, with the stop string cut from the middle of the greedy text so that it does stop it."""
+    greedy = local.complete(PROMPT, 24, stop_token_ids=local.config.eos_token_ids).text
+    stop = next(greedy[a:a + 2] for a in range(6, len(greedy) - 2) if greedy[a:a + 2] not in greedy[:a + 1])
+    cases = dict(PARAMETER_CASES, stop=({"temperature": 0, "stop": [stop]}, dict(stop=(stop,))))
+    return {name: (dict(fields), dict(settings)) for name, (fields, settings) in cases.items()}
+
+
+def _expected(local, settings):
+    sampling = qj.SamplingParams(**{"max_new_tokens": 24, **settings})
+    result = local.complete(PROMPT, sampling=sampling, stop_token_ids=local.config.eos_token_ids)
+    logprobs = [lp.logprob for lp in result.logprobs] if result.logprobs else None
+    return result.text, len(result.token_ids), {"stop_string": "stop", "eos": "stop"}.get(
+        result.finish_reason, "length"), logprobs
+
+
+def _over_http(server, fields):
+    reply = httpx.post(f"{server}/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 24, **fields}).json()
+    choice = reply["choices"][0]
+    logprobs = choice["logprobs"]["token_logprobs"] if choice["logprobs"] else None
+    return choice["text"], reply["usage"]["completion_tokens"], choice["finish_reason"], logprobs
+
+
+def test_every_request_parameter_over_http_gives_the_tokens_of_model_complete(server, local):
+    """Each parameter alone (one request at a time), then all of them at once sharing decode steps: the text,
+    token count, finish reason and logprobs of Model.complete with the same SamplingParams (the same weights,
+    the same max_batch-row engine, so float32 results agree bit for bit)."""
+    cases = _parameter_cases(local)
+    expected = {name: _expected(local, settings) for name, (_, settings) in cases.items()}
+    assert expected["stop"][2] == "stop" and expected["max_tokens"][1] == 7  # the cases do what they say
+    assert expected["seed"] != expected["temperature"]
+    for name, (fields, _) in cases.items():
+        assert _over_http(server, fields) == expected[name], name
+    together: dict[str, tuple] = {}
+    threads = [threading.Thread(target=lambda n=name, f=fields: together.__setitem__(n, _over_http(server, f)))
+               for name, (fields, _) in cases.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == expected
 
 
 CHAT = "/v1/chat/completions"

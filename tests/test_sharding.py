@@ -21,9 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.bench import CompileLog
-from qwen3moe_jax.engine import Engine
 from qwen3moe_jax.model import named_leaves, param_specs
-from qwen3moe_jax.sampling import SamplerState
 from qwen3moe_jax.sharding import logical_spec
 
 MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]  # expert x tensor
@@ -97,40 +95,33 @@ def test_decode_keeps_the_cache_sharded_in_place_and_does_not_recompile(hf_tiny)
         model.engine.warmup(7, 20)
         assert log.compiles() > 0, "the counter saw warm-up's compilations"
         mark = len(log.events)
-        cache = model.engine._cache
+        cache = model.engine.cache
         assert spec(cache.k[0]) == P(None, "tensor", None, None)  # 2 kv heads over tensor=2
         pointers = [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v]
         model.generate([5, 17, 99, 3, 250, 42, 7], 20, SEEDED, stop_token_ids=[])
         assert log.compiles(mark) == 0  # XLA compiled nothing after warm-up
-    cache = model.engine._cache
+    cache = model.engine.cache
     assert all(spec(a) == P(None, "tensor", None, None) for a in cache.k + cache.v)
     assert [[s.data.unsafe_buffer_pointer() for s in a.addressable_shards] for a in cache.k + cache.v] == pointers
 
 
 def test_a_data_axis_runs_a_batch_of_two_prompts_as_one_device_does(single, hf_tiny):
-    """data=2: the two rows of the cache and of each step live on different devices."""
+    """data=2: the two rows of the cache and of each step live on different devices; each row's greedy tokens
+    and logprobs are those of one device running it alone."""
     mesh = qj.make_mesh(data=2, expert=2, tensor=2)
-    model = qj.load(hf_tiny[0], max_seq_len=64, progress=False, mesh=mesh)
-    engine = Engine(model.params, model.config, 64, batch_size=2, mesh=mesh)
+    model = qj.load(hf_tiny[0], max_seq_len=64, progress=False, mesh=mesh, max_batch=2, decode_steps=2)
+    assert spec(model.engine.cache.k[0]) == P("data", "tensor", None, None)
     rng = np.random.default_rng(7)
-    seqs = [rng.integers(0, 300, 9).tolist(), rng.integers(0, 300, 16).tolist()]
-    lengths = np.array([5, 12], np.int32)
-    padded, history = np.zeros((2, 16), np.int32), np.zeros((2, 64), np.int32)
-    for row, n in enumerate(lengths):
-        padded[row, :n] = history[row, :n] = seqs[row][:n]
-    sampler = SamplerState.from_params([qj.SamplingParams()] * 2)
-    cache = engine._take_cache()
-    assert spec(cache.k[0]) == P("data", "tensor", None, None)
-    _, logits, cache, history = engine.prefill(padded, lengths, cache, history, sampler)
-    rows = [[np.asarray(logits[r])] for r in range(2)]
-    for j in range(4):
-        tokens = np.array([seqs[0][5 + j], seqs[1][12 + j]], np.int32)
-        _, logits, cache, history = engine.decode(tokens, lengths + j, cache, history, sampler)
-        for r in range(2):
-            rows[r].append(np.asarray(logits[r]))
-    assert spec(cache.k[0]) == P("data", "tensor", None, None)
-    for r, n in enumerate(lengths):
-        np.testing.assert_allclose(np.stack(rows[r]), single.logits(seqs[r])[n - 1 : n + 4], atol=2e-5, rtol=0)
+    prompts = [rng.integers(0, 300, 5).tolist(), rng.integers(0, 300, 12).tolist()]
+    sampling = qj.SamplingParams(max_new_tokens=5, logprobs=5, stop_token_ids=())
+    batched = model.complete_batch(prompts, sampling)
+    assert spec(model.engine.cache.k[0]) == P("data", "tensor", None, None)
+    for prompt, result in zip(prompts, batched, strict=True):
+        alone = single.complete(prompt, sampling=sampling)
+        assert result.token_ids == alone.token_ids
+        for ours, ref in zip(result.logprobs, alone.logprobs, strict=True):
+            assert [t for t, _ in ours.top] == [t for t, _ in ref.top]
+            np.testing.assert_allclose([p for _, p in ours.top], [p for _, p in ref.top], atol=2e-5, rtol=0)
 
 
 def test_the_server_streams_from_a_sharded_model():
