@@ -273,7 +273,7 @@ def load(
     engine_args = dict(max_batch=max_batch, prefill_chunk=prefill_chunk, decode_steps=decode_steps)
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
-    check_moe_kernel(moe_kernel)  # a bad name fails before the read
+    check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if is_gguf_file(path):
@@ -354,9 +354,11 @@ def random_model(
     None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
+    dtype = _resolve_dtype(dtype)
     if moe_kernel is not None:
         config = config.replace(moe_kernel=check_moe_kernel(moe_kernel))
-    params = init_params(config, seed, _resolve_dtype(dtype), std, mesh)
+    check_moe_kernel(config.moe_kernel, dtype)
+    params = init_params(config, seed, dtype, std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
     return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)

@@ -24,7 +24,7 @@ from flax import struct
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import ConfigError
-from qwen3moe_jax.quant import QuantizedWeight, dequantize, host_param
+from qwen3moe_jax.quant import INT4, QuantizedWeight, dequantize, host_param
 from qwen3moe_jax.sharding import constrain, logical_spec, mesh_sizes, place
 
 Array = jax.Array
@@ -380,10 +380,13 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
 MOE_KERNELS = ("auto", "gather", "blocked", "ragged", "pallas")
 
 
-def check_moe_kernel(name: str) -> str:
-    """name, if it is one of MOE_KERNELS; else a ConfigError that lists them."""
+def check_moe_kernel(name: str, dtype: Any = None) -> str:
+    """name, if it is one of MOE_KERNELS (and reads weights of `dtype`, when given); else a ConfigError."""
     if name not in MOE_KERNELS:
         raise ConfigError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {name!r}")
+    if name == "pallas" and dtype is not None and np.dtype(dtype) == INT4:
+        raise ConfigError("moe_kernel 'pallas' reads float and int8 expert weights, not int4: use 'auto', "
+                          "'gather' or 'blocked' with dtype int4")
     return name
 
 

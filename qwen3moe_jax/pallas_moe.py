@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.model import MoEParams, expert_blocks
 from qwen3moe_jax.quant import QuantizedWeight
 
@@ -42,6 +43,8 @@ def grouped_matmul(blocks: jax.Array, block_expert: jax.Array, used: jax.Array,
     """blocks [n, b, K] times w [experts, K, N] at each block's expert -> float32 [n, b, N]; blocks from used[0]
     on come out zero without reading any weight."""
     if isinstance(w, QuantizedWeight):
+        if w.bits == 4:  # load and random_model refuse the pair; this guards direct calls
+            raise ConfigError("the pallas MoE kernel reads float and int8 expert weights, not int4")
         return _grouped_matmul(blocks, block_expert, used, w.values) * w.scale[block_expert]  # scale [n, 1, N]
     return _grouped_matmul(blocks, block_expert, used, w)
 

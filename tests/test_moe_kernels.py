@@ -14,6 +14,7 @@ import pytest
 
 import qwen3moe_jax as qj
 from qwen3moe_jax import model as model_module
+from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.model import MoEParams, choose_moe_kernel, moe_local
 
 # The 30B-A3B's expert widths and top 8, at two expert counts.
@@ -98,3 +99,8 @@ def test_prefill_temporary_memory_does_not_grow_with_tokens_times_experts(kernel
     mib = {k: v >> 20 for k, v in temp.items()}
     print(f"{kernel}: temp MiB {mib}, interaction / dense {interaction / dense:.2f}")
     assert (interaction < dense / 4) == holds
+
+
+def test_the_pallas_kernel_refuses_int4_weights_up_front():
+    with pytest.raises(ConfigError, match="int4"):
+        qj.random_model("tiny", dtype="int4", moe_kernel="pallas")
