@@ -95,7 +95,10 @@ class SamplerState:
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams]) -> SamplerState:
         def column(name: str, dtype: Any) -> jax.Array:
-            return jnp.asarray([getattr(p, name) for p in params], dtype)
+            values = [getattr(p, name) for p in params]
+            if jnp.issubdtype(dtype, jnp.integer):  # past int32, top_k and repeat_last_n mean "all": the same
+                values = [min(v, jnp.iinfo(dtype).max) for v in values]
+            return jnp.asarray(values, dtype)
 
         return cls(
             temperature=column("temperature", jnp.float32), top_k=column("top_k", jnp.int32),

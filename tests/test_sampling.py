@@ -197,3 +197,13 @@ def test_seeded_generation_reproduces_and_new_parameters_do_not_recompile():
     assert outputs[0] != first  # another seed, another draw
     assert outputs[3] == model.generate([1, 2, 3], 12, SamplingParams(temperature=3.0, top_k=1, seed=9),
                                         stop_token_ids=[])  # SAM-4 end to end
+
+
+def test_top_k_and_window_past_int32_mean_all_and_draw_the_same_tokens(logits):
+    """Sizes past int32 cannot reach the device as they are; any k >= vocab keeps every token, any window >= the
+    context covers all of it, so they are held at int32's maximum and draw what k = vocab / window = context do."""
+    huge = [SamplingParams(temperature=1.0, top_k=10**12, repeat_penalty=1.3, repeat_last_n=10**12, seed=s)
+            for s in range(8)]
+    exact = [SamplingParams(temperature=1.0, top_k=V, repeat_penalty=1.3, repeat_last_n=32, seed=s)
+             for s in range(8)]
+    assert np.array_equal(_draws(logits, huge), _draws(logits, exact))
