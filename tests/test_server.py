@@ -303,3 +303,52 @@ def test_latency_script_measures_a_running_server(server):
     out = subprocess.run([sys.executable, "scripts/sse_latency.py", "--url", server, "--requests", "2",
                           "--max-tokens", "8"], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "time to first token: median" in out and "model tiny" in out
+
+
+def test_a_full_queue_gets_503_with_retry_after_and_metrics_count_what_ran():
+    """max_batch 1 and max_queue 0: while one request holds the only row, the next gets 503 with OpenAI's error
+    object and Retry-After; /metrics (Prometheus text, the issue's names) counts the requests, tokens and
+    latencies that ran."""
+    from fastapi.testclient import TestClient
+
+    from qwen3moe_jax.server import create_app
+
+    model = qj.random_model("tiny", std=0.2, max_seq_len=64, max_batch=1)
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 40, "temperature": 0}
+    with TestClient(create_app(model, "tiny", max_queue=0)) as client:
+        first = client.post(COMPLETIONS, json=dict(body, max_tokens=3)).json()
+        holder_started, release = threading.Event(), threading.Event()
+
+        def hold_the_row():
+            with client.stream("POST", COMPLETIONS, json=dict(body, stream=True)) as response:
+                lines = response.iter_lines()
+                next(line for line in lines if line)
+                holder_started.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold_the_row)
+        holder.start()
+        assert holder_started.wait(60) and model.scheduler.running == 1
+        busy = client.post(COMPLETIONS, json=body)
+        release.set()
+        holder.join(60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        error = busy.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_busy" and "max_queue 0" in error["message"]
+        deadline = time.time() + 60
+        while model.scheduler.running:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        text = client.get("/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name + "".join(f"{{{k}={v}}}" for k, v in s.labels.items()): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["qwen3moe_requests_running"] == 0 and samples["qwen3moe_requests_waiting"] == 0
+    assert samples["qwen3moe_prompt_tokens_total"] == 2 * first["usage"]["prompt_tokens"]
+    assert samples["qwen3moe_generated_tokens_total"] >= first["usage"]["completion_tokens"] + 1
+    assert samples["qwen3moe_time_to_first_token_seconds_count"] == 2  # the 503 never started
+    assert samples["qwen3moe_inter_token_latency_seconds_count"] == samples["qwen3moe_generated_tokens_total"] - 2
+    # (TestClient does not pass a client's leaving on to the app, so the holder ran to its end: the
+    # disconnect that frees a row is SSE-4's, against a real server.)
+    assert sum(v for k, v in samples.items() if k.startswith("qwen3moe_requests_finished_total")) == 2
