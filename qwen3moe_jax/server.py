@@ -15,9 +15,11 @@ always before a response starts, so a streaming request with bad parameters gets
   3. pydantic models (`ChatRequest`, `CompletionRequest`): types and ranges; they are also what
      /openapi.json describes.
   4. The handler: the model name (404), then `prepare_chat` / `prepare_completion` in a worker thread
-     (`run_in_threadpool`): sampling settings (`sampling_params`), the chat template, the tokenizer, token
-     ids against the vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared`
-     request (token ids + SamplingParams), cannot fail on its input any more.
+     (`run_in_threadpool`): sampling settings (`sampling_params`, which also refuses OpenAI parameters the
+     server does not implement), the chat template, the tokenizer (texts over SHORT_TEXT_CHARS go to
+     `TokenizerProcess`, a child process, since the tokenizer holds the GIL), token ids against the
+     vocabulary and prompt + max_tokens against the KV cache. The result, a `Prepared` request (token ids +
+     SamplingParams), cannot fail on its input any more.
   5. `start` submits it to the model's scheduler (scheduler.py), whose loop runs on a thread of its own
      (`Worker`): up to --max-batch requests share each decode step, and up to --max-queue wait for a row;
      beyond that a request gets 503 with Retry-After. The loop passes each event to the job's asyncio queue;
@@ -30,6 +32,7 @@ _sse); for a whole response `_respond` waits for the ASGI http.disconnect messag
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -41,6 +44,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -54,7 +58,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -65,6 +69,7 @@ from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.scheduler import Emit, QueueFull, Scheduler
+from qwen3moe_jax.tokenizer import Tokenizer
 
 FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
                   "cache_full": "length"}
@@ -77,6 +82,15 @@ MAX_JSON_DEPTH = 64  # deep enough for any tool's JSON schema; deeper bodies are
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1000  # the stop-string filter's per-token work grows with a stop string's length squared
 
+
+
+def _integral(value: Any) -> Any:
+    # In JSON 5.0 is the integer 5 (and some encoders write every number with a fraction); 5.5 stays a float,
+    # which strict validation then refuses.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -93,17 +107,21 @@ class _Request(BaseModel):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 is off, and so is any value >= the vocabulary")
-    seed: int | None = Field(None, ge=0, lt=2**32)
-    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    top_k: Int = Field(0, ge=-1, description="extension: 0 or -1 is off, and so is any value >= the vocabulary")
+    seed: Int | None = Field(None, ge=0, lt=2**32)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     # Bounded so that penalized logits stay finite in float32 at any temperature.
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="extension, llama.cpp/vLLM style")
-    repeat_last_n: int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
+    repeat_last_n: Int = Field(64, ge=0, description="extension: the penalty's window (past the KV cache "
                                                      "length: the whole context)")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: Int = Field(1, ge=1, le=1, description="one choice per request")
+    # OpenAI's parameters this server does not implement: refused unless neutral (see UNSUPPORTED), never ignored.
+    presence_penalty: float | None = Field(None, description="not supported: only 0")
+    frequency_penalty: float | None = Field(None, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only {}")
 
 
 class StreamOptions(BaseModel):
@@ -125,20 +143,27 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
     tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='not supported: only {"type": "text"}')
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    # Token ids are plain ints: a per-item validator in Python would take 0.25 s, on the event loop, for the
+    # 1.4 million ids a 4 MiB body can hold (Rust's own check takes 0.07 s).
+    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool | None = Field(None, description="not supported: only false")
+    best_of: Int | None = Field(None, description="not supported: only 1")
+    suffix: str | None = Field(None, description='not supported: only ""')
 
 
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "union", "constrained-str"}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before", "union",
+               "constrained-str"}
 _Request.model_rebuild()
 ChatRequest.model_rebuild()
 CompletionRequest.model_rebuild()
@@ -398,6 +423,64 @@ class Worker:
         self.thread.join(timeout=30)
 
 
+# ------------------------------------------------------------------------------------- tokenizer process
+
+SHORT_TEXT_CHARS = 16_384  # tokenized in the request's thread (tens of ms at most); longer text in the child
+
+# The child: a plain interpreter that imports only `tokenizers` (no main-module re-import, as multiprocessing's
+# spawn would do, and no JAX). It reads the tokenizer's JSON, then texts, each sent as 8 bytes of length and
+# UTF-8; it answers the ids as 8 bytes of length and uint32s. When the server goes, its stdin ends, and so does it.
+_TOKENIZER_CHILD = """
+import array, sys, tokenizers
+stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+def read():
+    size = int.from_bytes(stdin.read(8) or bytes(8), "little")
+    data = stdin.read(size)
+    if not size or len(data) < size:
+        sys.exit(0)
+    return data.decode()
+tokenizer = tokenizers.Tokenizer.from_str(read())
+while True:
+    ids = array.array("I", tokenizer.encode(read(), add_special_tokens=False).ids).tobytes()
+    stdout.write(len(ids).to_bytes(8, "little") + ids)
+    stdout.flush()
+"""
+
+
+class TokenizerProcess:
+    """Tokenizes long texts in a child process, as Tokenizer.encode does. The tokenizers library holds the GIL
+    while it encodes (3 s for 1 MB of text with a byte-level vocabulary, 1.4 s with the bundled model's), so
+    in a thread it would still stall the event loop, /health included; in a child it stalls nothing. One
+    child: long prompts wait for each other, short ones never wait for them."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.spec = tokenizer.backend.to_str()
+        self.lock = threading.Lock()
+        self.child: subprocess.Popen | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """tokenizer.encode(text) (blocking: call it from a thread)."""
+        if len(text) <= SHORT_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        with self.lock:
+            if self.child is None or self.child.poll() is not None:  # first use, or it died: (re)start it
+                self.child = subprocess.Popen([sys.executable, "-c", _TOKENIZER_CHILD], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE)
+                self._send(self.spec)
+            self._send(text)
+            size = int.from_bytes(self.child.stdout.read(8), "little")
+            ids = self.child.stdout.read(size)
+            if len(ids) != size or (size == 0 and self.child.poll() is not None):
+                raise RuntimeError("the tokenizer process died")
+            return array.array("I", ids).tolist()
+
+    def _send(self, text: str) -> None:
+        data = text.encode()
+        self.child.stdin.write(len(data).to_bytes(8, "little") + data)
+        self.child.stdin.flush()
+
+
 # ----------------------------------------------------------------------------------------------- the app
 
 @dataclasses.dataclass(frozen=True)
@@ -411,10 +494,21 @@ class Prepared:
     request: sched.Request | None = None
 
 
+# Each parameter of OpenAI's that the server does not implement, with its values that ask for nothing.
+UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
+               "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},)}
+
+
 def sampling_params(model: Model, body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The request's SamplingParams. top_k >= the vocabulary keeps every token, exactly as top_k off does, and
-    repeat_last_n >= the KV cache length covers the whole context as that length does: both are mapped to
-    the value the engine's int32 arrays hold."""
+    """The request's SamplingParams, after refusing the UNSUPPORTED parameters that ask for something.
+    top_k >= the vocabulary keeps every token, exactly as top_k off does, and repeat_last_n >= the KV cache
+    length covers the whole context as that length does: both are mapped to the value the engine's int32
+    arrays hold."""
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(body, name, None)
+        if value is not None and value not in neutral:
+            raise ApiError(400, f"{name} is not supported by this server: leave it out or send {neutral[0]!r}",
+                           name, "unsupported_parameter")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     top_k = body.top_k if 0 < body.top_k < model.config.vocab_size else 0
     try:
@@ -428,8 +522,12 @@ def sampling_params(model: Model, body: _Request, max_tokens: int | None, logpro
         raise ApiError(400, str(err), code="invalid_value") from err
 
 
-def prepare_chat(model: Model, body: ChatRequest) -> Prepared:
-    """The chat template and the tokenizer over the messages, and every check (blocking: run it in a thread)."""
+Encode = Callable[[str], list[int]]
+
+
+def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
+    """The chat template and the tokenizer (`encode`) over the messages, and every check (blocking: run it
+    in a thread)."""
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with "
                        "token ids", "messages", "invalid_value")
@@ -444,17 +542,18 @@ def prepare_chat(model: Model, body: ChatRequest) -> Prepared:
         raise ApiError(400, str(err), "messages", "invalid_value") from err
     except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-    return _checked(model, model.encode(text), params, "messages")
+    return _checked(model, encode(text), params, "messages")
 
 
-def prepare_completion(model: Model, body: CompletionRequest) -> Prepared:
-    """The tokenizer over the prompt (or its token ids as given), and every check (blocking: run it in a thread)."""
+def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> Prepared:
+    """The tokenizer (`encode`) over the prompt, or its token ids as given, and every check (blocking: run it
+    in a thread)."""
     params = sampling_params(model, body, body.max_tokens, body.logprobs)
-    try:
-        prompt = model.encode(body.prompt)
-    except Qwen3MoeError as err:  # text for a model without a tokenizer
-        raise ApiError(400, str(err), "prompt", "invalid_value") from err
-    return _checked(model, prompt, params, "prompt")
+    if isinstance(body.prompt, list):
+        return _checked(model, body.prompt, params, "prompt")
+    if model.tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt", "invalid_value")
+    return _checked(model, encode(body.prompt), params, "prompt")
 
 
 def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str) -> Prepared:
@@ -491,6 +590,8 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     app = FastAPI(title="qwen3moe-jax", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.router.route_class = _JsonRoute
     app.add_middleware(_Gate, api_key=api_key, max_request_bytes=max_request_bytes)
+    encoder = TokenizerProcess(model.tokenizer) if model.tokenizer is not None else None
+    encode = encoder.encode if encoder is not None else model.encode
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -499,7 +600,9 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
+        # Of a union's errors (one per member), the one that got furthest into the value says most: the deepest,
+        # and not a mere "not this type" when another member's type matched.
+        first = max(err.errors(), key=lambda e: (len(e["loc"]), not _is_type_mismatch(e["type"])))
         # pydantic's location also names the union member it tried ("str", "list[ContentPart]"): drop those.
         location = [str(part) for part in first["loc"][1:]
                     if isinstance(part, int) or (part.isidentifier() and part not in _TYPE_NAMES)]
@@ -546,16 +649,20 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_chat, model, body))
+        job = start(await run_in_threadpool(prepare_chat, model, body, encode))
         return await _respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_completion, model, body))
+        job = start(await run_in_threadpool(prepare_completion, model, body, encode))
         return await _respond(job, body, request, chat=False, name=model_name, tokenizer=model.tokenizer)
 
     return app
+
+
+def _is_type_mismatch(error_type: str) -> bool:
+    return error_type.endswith("_type") or error_type in ("none_required", "literal_error", "is_instance_of")
 
 
 def _message_dict(message: Message) -> dict[str, Any]:

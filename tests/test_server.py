@@ -16,34 +16,15 @@ import openai
 import pytest
 
 import qwen3moe_jax as qj
+from tests.server_process import running_server
 
 MAX_SEQ_LEN = 256
 
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--preset", "tiny", "--port", str(port),
-         "--max-seq-len", str(MAX_SEQ_LEN), "--warmup-tokens", "32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health").json()["status"] == "ready":
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read()}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server("--max-seq-len", str(MAX_SEQ_LEN), "--warmup-tokens", "32") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -278,25 +259,267 @@ BAD_REQUESTS = [
 ]
 
 
-def test_sse5_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
-    for path, body, status, param in BAD_REQUESTS:
-        if isinstance(body, bytes):
-            response = httpx.post(f"{server}{path}", content=body, headers={"content-type": "application/json"})
-        else:
-            response = httpx.post(f"{server}{path}", json=body)
-        assert response.status_code == status, (body, response.text)
-        error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"], (body, error)
-        assert error["param"] == param or param is None, (body, error)
-    assert httpx.get(f"{server}{CHAT}").status_code == 405
-    assert httpx.post(f"{server}/v1/nowhere", json={}).json()["error"]["message"]
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: valid as a JSON escape, no character of any text
+HOSTILE_REQUESTS = [
+    # Lone surrogates in every kind of text, sent as the JSON escape a client's encoder writes for them.
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": f"a{SURROGATE}b"}]}, 400, "messages.0.content"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+     400, "messages.0.content.0.text"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "Hi", "name": SURROGATE}]}, 400,
+     "messages.0.name"),
+    (CHAT, {"model": "tiny", "messages": HI, "stop": [SURROGATE]}, 400, "stop.0"),
+    (CHAT, {"model": "tiny", "messages": HI, "chat_template_kwargs": {SURROGATE: True}}, 400,
+     "chat_template_kwargs"),
+    (CHAT, {"model": "tiny", "messages": HI, "tools": [{"type": "function", "function": {"name": SURROGATE}}]},
+     400, "tools.0.function.name"),
+    (CHAT, {"model": SURROGATE, "messages": HI}, 400, "model"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "\udfff"}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "stop": "\udc00x"}, 400, "stop"),
+    # Numbers no engine array holds, or no JSON number is.
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": 10**30}, 400, "prompt"),
+    (CHAT, {"model": "tiny", "messages": HI, "max_completion_tokens": 2**63}, 400, "messages"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "seed": 2**32}, 400, "seed"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "seed": 10**20}, 400, "seed"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [1, -1]}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [2**31]}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [10**30]}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2]]}, 400, "prompt.0"),
+    (COMPLETIONS, {"model": "tiny", "prompt": []}, 400, "prompt"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [1, 2.0]}, 400, "prompt.1"),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, None),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400, None),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "repetition_penalty": -Infinity}', 400, None),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "temperature": 1e999}', 400, "temperature"),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
+    # Text that is no text, nesting past any real request, bodies of the wrong shape.
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "caf\xe9"}', 400, None),
+    (COMPLETIONS, b'{"model": "tiny", "prompt": "\xed\xa0\x80"}', 400, None),
+    (CHAT, {"model": "tiny", "messages": HI, "chat_template_kwargs": {"x": json.loads("[" * 80 + "]" * 80)}}, 400,
+     None),
+    (CHAT, b"[" * 100_000, 400, None),
+    (CHAT, b"", 400, None),
+    (CHAT, b"null", 400, None),
+    (CHAT, b'"a string"', 400, None),
+    (CHAT, b"42", 400, None),
+    (CHAT, {"model": "tiny", "messages": HI, "chat_template_kwargs": {"messages": []}}, 400, "chat_template_kwargs"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": None}]}, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "messages.0.content.0.text"),
+    (CHAT, {"model": "tiny", "messages": HI, "stop": "x" * 1001}, 400, "stop"),
+    # OpenAI's parameters that this server does not implement: refused when they ask for something.
+    (CHAT, {"model": "tiny", "messages": HI, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    (CHAT, {"model": "tiny", "messages": HI, "frequency_penalty": -1}, 400, "frequency_penalty"),
+    (CHAT, {"model": "tiny", "messages": HI, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    (CHAT, {"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    (CHAT, {"model": "", "messages": HI}, 404, "model"),
+    (CHAT, {"model": "x" * 100_000, "messages": HI}, 404, "model"),
+]
+
+
+def _send(client: httpx.Client, path: str, body, stream: bool = False, headers: dict | None = None) -> httpx.Response:
+    if isinstance(body, dict):
+        body = json.dumps(dict(body, stream=True) if stream else body).encode()
+    elif stream:
+        body = body.replace(b'"model"', b'"stream": true, "model"', 1)
+    return client.post(path, content=body, headers=headers or {"content-type": "application/json"})
+
+
+def _local_port(response: httpx.Response) -> int:
+    """The client's port of the connection the response came on: the same port, the same connection."""
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_sse5_bad_requests_get_openai_errors_before_any_stream_and_the_connection_keeps_serving(server, client):
+    ports = set()
+    with httpx.Client(base_url=server, timeout=60) as http:
+        for path, body, status, param in BAD_REQUESTS + HOSTILE_REQUESTS:
+            # A streaming request is refused the same way, before the stream starts.
+            for stream in (False, True) if not (isinstance(body, dict) and "stream" in body) else (False,):
+                response = _send(http, path, body, stream)
+                assert response.status_code == status, (body, stream, response.text)
+                assert response.headers["content-type"] == "application/json", (body, stream)
+                assert "close" not in response.headers.get("connection", "")
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["message"], (body, error)
+                assert error["param"] == param or param is None, (body, error)
+                ports.add(_local_port(response))
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            response = http.post(COMPLETIONS, content=b'{"model": "tiny", "prompt": "hi"}',
+                                 headers={"content-type": content_type} if content_type else {})
+            assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_content_type"
+            ports.add(_local_port(response))
+        assert http.get(CHAT).status_code == 405
+        assert http.post("/v1/nowhere", json={}).json()["error"]["message"]
+        good = http.post(CHAT, json={"model": "tiny", "messages": HI, "max_tokens": 3, "temperature": 0})
+        assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        ports.add(_local_port(good))
+    assert len(ports) == 1, f"{len(ports)} connections: a refused request closed its connection"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=HI)
     with pytest.raises(openai.BadRequestError, match="exceeds the KV cache length") as raised:
         client.completions.create(model="tiny", prompt="y" * 300)
     assert raised.value.code == "context_length_exceeded"
-    reply = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, temperature=0)
-    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_parameters_that_ask_for_nothing_are_accepted(server):
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "max_tokens": 2}
+    chat = httpx.post(f"{server}{CHAT}", json={"model": "tiny", "messages": HI, "response_format": {"type": "text"},
+                                              "user": "u", "tool_choice": "auto"} | neutral)
+    assert chat.status_code == 200, chat.text
+    completion = httpx.post(f"{server}{COMPLETIONS}", json={"model": "tiny", "prompt": "hi", "echo": False,
+                                                            "best_of": 1, "suffix": None} | neutral)
+    assert completion.status_code == 200, completion.text
+
+
+def test_integers_past_int32_that_mean_off_or_everything_run_as_their_exact_equivalent(server, local):
+    """top_k >= the vocabulary keeps every token (as top_k off does); repeat_last_n >= the KV cache length
+    covers the whole context (as that length does): the server maps them to the engine's int32 values."""
+    base = {"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 1.5, "seed": 3,
+            "repetition_penalty": 1.3}
+    expected = local.complete("abc", 12, temperature=1.5, seed=3, repeat_penalty=1.3, repeat_last_n=MAX_SEQ_LEN,
+                              top_k=0).text
+    for extra in ({"top_k": 10**12, "repeat_last_n": 10**12}, {"top_k": local.config.vocab_size,
+                                                                "repeat_last_n": 2**31}):
+        whole = httpx.post(f"{server}{COMPLETIONS}", json=base | extra, timeout=60)
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["text"] == expected
+        with httpx.stream("POST", f"{server}{COMPLETIONS}", json=base | extra | {"stream": True}) as response:
+            assert response.status_code == 200
+            chunks = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        assert not any("error" in chunk for chunk in chunks)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and the body of one HTTP response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def test_a_body_past_the_limit_gets_413_without_being_read(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        # 5 MiB announced, 20 bytes sent: the answer comes without waiting for the rest.
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n{\"model\": \"tiny\", " % (5 * 2**20))
+        head, body = _read_response(sock)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large" and str(4 * 2**20) in error["message"]
+
+    def chunks():  # no Content-Length: the body arrives chunked, and is counted as it is read
+        for _ in range(80):
+            yield b" " * 2**16
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        response = http.post(COMPLETIONS, content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        assert http.get("/health").status_code == 200
+        assert _local_port(http.get("/health")) == _local_port(response)
+
+
+def test_health_answers_within_100_ms_while_a_1_mb_prompt_is_prepared(server):
+    big = [{"role": "user", "content": "hello world, " * 80_000}]  # 1 MB: a million tokens of this vocabulary
+    outcome = {}
+
+    def post_big():
+        start = time.perf_counter()
+        outcome["response"] = httpx.post(f"{server}{CHAT}", json={"model": "tiny", "messages": big}, timeout=120)
+        outcome["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=post_big)
+    thread.start()
+    latencies = []
+    with httpx.Client(base_url=server) as http:
+        http.get("/health")  # connected before timing
+        while thread.is_alive():
+            start = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    thread.join()
+    print(f"a 1 MB prompt took {outcome['seconds']:.2f} s to refuse; /health answered {len(latencies)} times "
+          f"meanwhile, median {statistics.median(latencies) * 1e3:.1f} ms, max {max(latencies) * 1e3:.1f} ms")
+    assert outcome["response"].status_code == 400
+    assert outcome["response"].json()["error"]["code"] == "context_length_exceeded"  # so it was tokenized
+    assert outcome["seconds"] > 0.5 and len(latencies) >= 10  # the health checks overlapped the preparation
+    # Tokenizing on the event loop (or in a thread of this process: the tokenizer holds the GIL) stalls every
+    # check for seconds. The bound on the slowest leaves room for one scheduling hiccup of a loaded CI machine.
+    assert sorted(latencies)[int(0.95 * len(latencies))] < 0.1 and max(latencies) < 0.5
+
+
+def test_a_client_that_leaves_a_whole_response_cancels_it_at_the_next_token(server, local):
+    wanted = MAX_SEQ_LEN - 8
+    alone = local.complete("a", wanted, temperature=1.0, seed=4, stop_token_ids=local.config.eos_token_ids)
+    assert alone.finish_reason == "max_new_tokens"  # so only a cancel can end it early
+    before = httpx.get(f"{server}/metrics").json()
+    body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": wanted, "temperature": 1.0, "seed": 4}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.time() + 60
+    while httpx.get(f"{server}/metrics").json()["decoded_tokens"] == before["decoded_tokens"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    sock.close()  # the client goes away mid-generation
+    while (after := httpx.get(f"{server}/metrics").json())["requests_running"] or \
+            after["requests_cancelled"] == before["requests_cancelled"]:
+        assert time.time() < deadline, after
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert httpx.get(f"{server}/metrics").json()["decoded_tokens"] == after["decoded_tokens"]  # it stopped
+    decoded = after["decoded_tokens"] - before["decoded_tokens"]
+    print(f"the client left; the server decoded {decoded} of {wanted} tokens")
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert decoded < wanted
+
+
+def test_an_unexpected_error_answers_500_with_an_error_object_and_the_app_keeps_serving(local, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from qwen3moe_jax import server as server_module
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    with TestClient(server_module.create_app(local, "tiny")) as http:
+        request = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        with monkeypatch.context() as patch:
+            patch.setattr(server_module, "prepare_completion", broken)
+            response = http.post(COMPLETIONS, json=request)
+        assert response.status_code == 500
+        assert response.json()["error"] == {"message": "internal error: RuntimeError: a bug", "type": "server_error",
+                                            "param": None, "code": None}
+        assert http.post(COMPLETIONS, json=request).status_code == 200
+
+
+def test_serving_beyond_loopback_without_a_key_warns(local, monkeypatch, capsys):
+    import uvicorn
+
+    from qwen3moe_jax.server import is_loopback, serve
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.9.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.20", "example.org"]))
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    for host, api_key, warned in [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)]:
+        serve(local, "tiny", host, 8000, warmup_tokens=1, api_key=api_key)
+        assert ("without an API key" in capsys.readouterr().err) == warned, (host, api_key)
 
 
 def test_latency_script_measures_a_running_server(server):
@@ -352,3 +575,17 @@ def test_a_full_queue_gets_503_with_retry_after_and_metrics_count_what_ran():
     # (TestClient does not pass a client's leaving on to the app, so the holder ran to its end: the
     # disconnect that frees a row is SSE-4's, against a real server.)
     assert sum(v for k, v in samples.items() if k.startswith("qwen3moe_requests_finished_total")) == 2
+
+
+def test_long_texts_are_tokenized_in_a_child_process_exactly_as_in_this_one(bpe_tokenizer):
+    from qwen3moe_jax.server import SHORT_TEXT_CHARS, TokenizerProcess
+    from tests.conftest import MIXED_TEXT
+
+    encoder = TokenizerProcess(bpe_tokenizer)
+    long_text = MIXED_TEXT * (3 * SHORT_TEXT_CHARS // len(MIXED_TEXT))
+    for text in (long_text, long_text[7:] + "<|im_end|>", MIXED_TEXT):
+        assert encoder.encode(text) == bpe_tokenizer.encode(text)
+    assert encoder.child is not None  # the long ones went there
+    encoder.child.kill()
+    encoder.child.wait()
+    assert encoder.encode(long_text) == bpe_tokenizer.encode(long_text)  # a dead child is replaced
