@@ -265,7 +265,8 @@ def load(
 
     max_batch: the KV-cache rows, so the requests that can share a decode step (scheduler.py).
     prefill_chunk: prompts are prefilled in chunks of this many tokens (a power of two), each attending to
-    the cache filled so far, so prefill's temporary memory grows with the chunk, not the prompt.
+    the cache filled so far, so prefill's temporary memory grows with the chunk (and attention's with chunk x
+    context), not with the prompt's square.
     decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
     most decode_steps - 1 steps of compute).
     moe_kernel: how the MoE blocks run, one of model.MOE_KERNELS; "auto" reads only the chosen experts'

@@ -362,8 +362,11 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     pair_token = order // k
     group_sizes = jnp.bincount(pair_expert, length=held).astype(jnp.int32)
     out_rows = experts_swiglu(p, flat[pair_token], pair_expert[order], group_sizes, kernel)
-    out_rows = out_rows * weights.reshape(-1)[order][:, None]
-    out = jnp.zeros_like(flat).at[pair_token].add(out_rows)
+    # Back to (token, rank) order and summed over each token's k pairs in a fixed order: a scatter-add's order
+    # (atomics on GPU) could depend on the other tokens of the batch, and a request's tokens must not.
+    unsorted = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    out_rows = out_rows[unsorted] * weights.reshape(-1, 1)
+    out = jnp.sum(out_rows.reshape(B * T, k, E), axis=1)
     return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
 
 

@@ -3,7 +3,7 @@
 Under jax.distributed every jit step over a multi-process mesh is one program that all processes must run,
 in the same order, with the same inputs. `qwen3moe-jax generate` gets that for free (every process runs the
 same command); a server does not, since only process 0 sees the requests. So process 0's scheduler runs
-each engine step through `leader_call`, which first sends the step (its name and plain-value arguments) to
+each engine step through `Leader.call`, which first sends the step (its name and plain-value arguments) to
 the other processes; they run `follow`, which replays the same Engine.call from those messages. The
 messages travel as small JAX collectives (multihost_utils.broadcast_one_to_all), nothing home-made.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from qwen3moe_jax.engine import Engine, StepTokens
+from qwen3moe_jax.errors import Qwen3MoeError
 
 
 def _broadcast_json(message: dict | None) -> dict:
@@ -29,14 +30,34 @@ def _broadcast_json(message: dict | None) -> dict:
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
 
 
-def leader_call(engine: Engine) -> Callable[..., StepTokens]:
-    """Engine.call on process 0 of a multi-process server, sending each step to the followers first."""
+class FollowerLost(Qwen3MoeError):
+    """A follower process is gone (its collective failed): the multi-process server cannot run a step."""
 
-    def call(op: str, **kwargs: Any) -> StepTokens:
-        _broadcast_json({"op": op, **kwargs})
-        return engine.call(op, **kwargs)
 
-    return call
+class Leader:
+    """Process 0's side: `call` is Engine.call, sending each step to the followers first. When a send fails
+    (a follower died), the step fails with FollowerLost, so the requests in flight end with that error, and
+    `on_lost` runs once (the server uses it to stop serving: it cannot run a step without its followers)."""
+
+    def __init__(self, engine: Engine, on_lost: Callable[[], None]):
+        self.engine, self.on_lost = engine, on_lost
+        self.lost: Exception | None = None
+
+    def call(self, op: str, **kwargs: Any) -> StepTokens:
+        if self.lost is None:
+            try:
+                _broadcast_json({"op": op, **kwargs})
+            except Exception as err:
+                self.lost = err
+                self.on_lost()
+        if self.lost is not None:
+            raise FollowerLost(f"a follower process is gone ({self.lost}); this server is shutting down")
+        return self.engine.call(op, **kwargs)
+
+    def shutdown(self) -> None:
+        """Release the followers (see `shutdown`), unless one is gone: then nobody would meet process 0."""
+        if self.lost is None:
+            shutdown()
 
 
 def follow(engine: Engine) -> None:

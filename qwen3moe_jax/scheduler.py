@@ -68,9 +68,9 @@ class Scheduler:
     """Owns the request loop over `engine`'s rows (see the module docstring).
 
     call: how an engine step is run, Engine.call by default; a multi-host leader passes one that also sends
-    the step to its followers (multihost.py). max_queue bounds the requests waiting for a row (None: no
-    bound); prefill_chunks is the most prompt chunks per step (more: faster admission, longer gaps in the
-    running streams)."""
+    the step to its followers (multihost.py). max_queue bounds the requests waiting for a row beyond those
+    the free rows take at the next step (None: no bound); prefill_chunks is the most prompt chunks per step
+    (more: faster admission, longer gaps in the running streams)."""
 
     def __init__(self, engine: Engine, prefill_chunks: int = DEFAULT_PREFILL_CHUNKS, max_queue: int | None = None,
                  call: Callable[..., StepTokens] | None = None):
@@ -91,10 +91,11 @@ class Scheduler:
     # ---------------------------------------------------------------------------- from any thread
 
     def submit(self, request: Request) -> None:
-        """Queue a request (raises QueueFull when max_queue requests are waiting already)."""
+        """Queue a request (raises QueueFull when max_queue requests wait already beyond the free rows)."""
         with self._lock:
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (max_queue {self.max_queue})")
+            if self.max_queue is not None and len(self.waiting) - self.rows.count(None) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a row already (max_queue "
+                                f"{self.max_queue})")
             self.waiting.append(request)
             self._wake.notify()
 

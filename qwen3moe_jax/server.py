@@ -40,8 +40,10 @@ import hmac
 import ipaddress
 import json
 import math
+import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -830,7 +832,14 @@ def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: in
           f"with up to {model.max_batch} requests per decode step]", file=sys.stderr, flush=True)
     on_shutdown = None
     if jax.process_count() > 1:
-        model.scheduler.call = multihost.leader_call(model.engine)
-        on_shutdown = multihost.shutdown  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
+        def stop_serving() -> None:
+            # A follower that died failed the step in flight (its requests get the error). SIGTERM stops
+            # uvicorn as it would any other time, answering what is in flight; the process then ends by it.
+            print(f"[stopping: a follower process is gone ({leader_of.lost})]", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        leader_of = multihost.Leader(model.engine, stop_serving)
+        model.scheduler.call = leader_of.call
+        on_shutdown = leader_of.shutdown  # in the app's shutdown: uvicorn re-raises SIGTERM once run() returns
     app = create_app(model, model_name, api_key, max_request_bytes, max_queue, on_shutdown)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -153,3 +153,17 @@ def test_bad_requests_raise_specific_errors(model):
         Engine(model.params, model.config, 64, prefill_chunk=24)
     with pytest.raises(qj.Qwen3MoeError, match="decode_steps"):
         Engine(model.params, model.config, 64, decode_steps=0)
+
+
+def test_a_last_chunk_and_a_decode_block_past_the_end_of_the_cache_fill_it_exactly():
+    """A 72-slot cache, chunks of 16: a 68-token prompt's last chunk covers slots 64..79 and the decode blocks
+    of 3 run past slot 71; what lies past the cache is dropped, and the request fills the cache with the
+    tokens of full forward passes."""
+    model = qj.random_model("tiny", seed=3, std=0.2, max_seq_len=72, prefill_chunk=16, decode_steps=3)
+    prompt = np.random.default_rng(0).integers(0, 256, 68).tolist()
+    out = model.complete(prompt, sampling=qj.SamplingParams(max_new_tokens=None, stop_token_ids=()))
+    assert out.finish_reason == "cache_full" and len(out.token_ids) == 4
+    reference = []
+    for _ in range(4):
+        reference.append(int(np.argmax(model.logits(prompt + reference)[-1])))
+    assert out.token_ids == reference

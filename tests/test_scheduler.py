@@ -96,9 +96,9 @@ def test_complete_batch_returns_each_prompt_what_it_gets_alone_in_order(model, a
 def test_the_wait_queue_is_bounded():
     model = qj.random_model("tiny", max_seq_len=32, max_batch=1)
     scheduler = Scheduler(model.engine, max_queue=2)
-    for _ in range(2):
+    for _ in range(3):  # one for the free row, two waiting
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
-    with pytest.raises(QueueFull, match="max_queue 2"):
+    with pytest.raises(QueueFull, match="3 requests are waiting for a row already \\(max_queue 2\\)"):
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
 
 

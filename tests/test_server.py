@@ -467,26 +467,27 @@ def test_a_client_that_leaves_a_whole_response_cancels_it_at_the_next_token(serv
     wanted = MAX_SEQ_LEN - 8
     alone = local.complete("a", wanted, temperature=1.0, seed=4, stop_token_ids=local.config.eos_token_ids)
     assert alone.finish_reason == "max_new_tokens"  # so only a cancel can end it early
-    before = httpx.get(f"{server}/metrics").json()
+    before = _metrics(server)
+    cancelled, generated = "qwen3moe_requests_finished_total{reason=cancelled}", "qwen3moe_generated_tokens_total"
     body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": wanted, "temperature": 1.0, "seed": 4}).encode()
     host, port = server.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     deadline = time.time() + 60
-    while httpx.get(f"{server}/metrics").json()["decoded_tokens"] == before["decoded_tokens"]:
+    while _metrics(server)[generated] == before[generated]:
         assert time.time() < deadline
         time.sleep(0.01)
     sock.close()  # the client goes away mid-generation
-    while (after := httpx.get(f"{server}/metrics").json())["requests_running"] or \
-            after["requests_cancelled"] == before["requests_cancelled"]:
+    while (after := _metrics(server))["qwen3moe_requests_running"] or \
+            after.get(cancelled, 0) == before.get(cancelled, 0):
         assert time.time() < deadline, after
         time.sleep(0.05)
     time.sleep(0.3)
-    assert httpx.get(f"{server}/metrics").json()["decoded_tokens"] == after["decoded_tokens"]  # it stopped
-    decoded = after["decoded_tokens"] - before["decoded_tokens"]
+    assert _metrics(server)[generated] == after[generated]  # it stopped
+    decoded = after[generated] - before[generated]
     print(f"the client left; the server decoded {decoded} of {wanted} tokens")
-    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after[cancelled] == before.get(cancelled, 0) + 1
     assert decoded < wanted
 
 
@@ -526,6 +527,55 @@ def test_latency_script_measures_a_running_server(server):
     out = subprocess.run([sys.executable, "scripts/sse_latency.py", "--url", server, "--requests", "2",
                           "--max-tokens", "8"], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "time to first token: median" in out and "model tiny" in out
+
+
+def test_a_full_queue_gets_503_with_retry_after_and_metrics_count_what_ran():
+    """max_batch 1 and max_queue 0: while one request holds the only row, the next gets 503 with OpenAI's error
+    object and Retry-After; /metrics (Prometheus text, the issue's names) counts the requests, tokens and
+    latencies that ran."""
+    from fastapi.testclient import TestClient
+
+    from qwen3moe_jax.server import create_app
+
+    model = qj.random_model("tiny", std=0.2, max_seq_len=64, max_batch=1)
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 40, "temperature": 0}
+    with TestClient(create_app(model, "tiny", max_queue=0)) as client:
+        first = client.post(COMPLETIONS, json=dict(body, max_tokens=3)).json()
+        holder_started, release = threading.Event(), threading.Event()
+
+        def hold_the_row():
+            with client.stream("POST", COMPLETIONS, json=dict(body, stream=True)) as response:
+                lines = response.iter_lines()
+                next(line for line in lines if line)
+                holder_started.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=hold_the_row)
+        holder.start()
+        assert holder_started.wait(60) and model.scheduler.running == 1
+        busy = client.post(COMPLETIONS, json=body)
+        release.set()
+        holder.join(60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        error = busy.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "server_busy" and "max_queue 0" in error["message"]
+        deadline = time.time() + 60
+        while model.scheduler.running:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        text = client.get("/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name + "".join(f"{{{k}={v}}}" for k, v in s.labels.items()): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["qwen3moe_requests_running"] == 0 and samples["qwen3moe_requests_waiting"] == 0
+    assert samples["qwen3moe_prompt_tokens_total"] == 2 * first["usage"]["prompt_tokens"]
+    assert samples["qwen3moe_generated_tokens_total"] >= first["usage"]["completion_tokens"] + 1
+    assert samples["qwen3moe_time_to_first_token_seconds_count"] == 2  # the 503 never started
+    assert samples["qwen3moe_inter_token_latency_seconds_count"] == samples["qwen3moe_generated_tokens_total"] - 2
+    # (TestClient does not pass a client's leaving on to the app, so the holder ran to its end: the
+    # disconnect that frees a row is SSE-4's, against a real server.)
+    assert sum(v for k, v in samples.items() if k.startswith("qwen3moe_requests_finished_total")) == 2
 
 
 def test_long_texts_are_tokenized_in_a_child_process_exactly_as_in_this_one(bpe_tokenizer):

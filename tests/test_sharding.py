@@ -217,3 +217,45 @@ def test_a_two_process_server_answers_as_one_process_and_shuts_down_cleanly():
         procs[0].terminate()
         codes = [p.wait(timeout=60) for p in procs]
     assert codes[1] == 0, procs[1].stderr.read()
+
+
+def test_a_follower_that_dies_mid_request_ends_the_request_with_an_error_and_the_leader_exits():
+    """Issue 20.7: process 1 of a two-process server is killed while process 0 streams a reply. The client
+    gets an error in the stream (not a hang), and process 0 stops serving and exits (it cannot run a step
+    without its follower) within seconds."""
+    import signal
+
+    import httpx
+
+    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
+                               "--max-seq-len", "128", "--warmup-tokens", "16", "--mesh", "expert=2,tensor=4",
+                               "--decode-steps", "1", "--coordinator", coordinator, "--num-processes", "2",
+                               "--process-id", str(k)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                name = httpx.get(f"{url}/health").json()["model"]
+                break
+            except httpx.TransportError:
+                assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+                time.sleep(0.5)
+        body = {"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line)
+            assert "error" not in next(lines)
+            procs[1].send_signal(signal.SIGKILL)
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "generation failed" in error["message"]
+        assert procs[0].wait(timeout=60) == -signal.SIGTERM  # uvicorn's graceful stop, then the signal's exit
+        assert "stopping: a follower process is gone" in procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
