@@ -56,7 +56,7 @@ demo: $(VENV)/.installed-core
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check qwen3moe_jax scripts tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/run_each.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check qwen3moe_jax scripts tests

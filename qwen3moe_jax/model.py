@@ -356,8 +356,7 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     kernel = choose_moe_kernel(config.moe_kernel, pair_expert.shape[0], held)
     if kernel == "gather":
         out_rows = experts_swiglu_gather(p, jnp.repeat(flat, k, axis=0), pair_expert)
-        out = jnp.sum((out_rows * weights.reshape(-1)[:, None]).reshape(B * T, k, E), axis=1)
-        return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
+        return _combine(out_rows, weights, x.dtype).reshape(B, T, E), router_logits.reshape(B, T, -1)
     order = jnp.argsort(pair_expert, stable=True)
     pair_token = order // k
     group_sizes = jnp.bincount(pair_expert, length=held).astype(jnp.int32)
@@ -365,9 +364,15 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     # Back to (token, rank) order and summed over each token's k pairs in a fixed order: a scatter-add's order
     # (atomics on GPU) could depend on the other tokens of the batch, and a request's tokens must not.
     unsorted = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out_rows = out_rows[unsorted] * weights.reshape(-1, 1)
-    out = jnp.sum(out_rows.reshape(B * T, k, E), axis=1)
-    return out.reshape(B, T, E), router_logits.reshape(B, T, -1)
+    return _combine(out_rows[unsorted], weights, x.dtype).reshape(B, T, E), router_logits.reshape(B, T, -1)
+
+
+def _combine(pair_rows: Array, weights: Array, dtype: Any) -> Array:
+    """Each token's k expert outputs (pair_rows [N*k, E] in (token, rank) order) weighted by weights [N, k] and
+    summed in a fixed order, in float32 with one rounding to `dtype`."""
+    N, k = weights.shape
+    weighted = pair_rows.astype(jnp.float32).reshape(N, k, -1) * weights.astype(jnp.float32)[:, :, None]
+    return jnp.sum(weighted, axis=1).astype(dtype)
 
 
 # The MoE expert kernels (ModelConfig.moe_kernel: `load(moe_kernel=...)`, `--moe-kernel`), all exact:

@@ -16,12 +16,12 @@ os.environ.setdefault("QWEN3MOE_JAX_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 
-from tests.hf_reference import save_hf_model  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """One small odd-shaped checkpoint (GQA 2, head_dim != hidden/heads, a dense layer) and its HF model."""
+    from tests.hf_reference import save_hf_model  # torch and transformers load only for the tests that use them
+
     path = tmp_path_factory.mktemp("hf_tiny")
     model = save_hf_model(
         path, seed=1, hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=12,

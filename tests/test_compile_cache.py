@@ -47,7 +47,7 @@ def test_a_second_run_reads_the_steps_from_the_cache(tmp_path):
     env = {**os.environ, compile_cache.ENV_VAR: str(tmp_path / "cache")}
     first = _generate(env=env)  # the environment variable's folder
     written = {p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()}
-    assert {"jit_prefill_step", "jit_decode_step"} <= written
+    assert {"jit_prefill_chunk", "jit_decode_block"} <= written
     assert "from the compile cache" not in first
 
     second = _generate("--compile-cache", str(tmp_path / "cache"), env={**env, compile_cache.ENV_VAR: "off"})
