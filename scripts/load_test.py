@@ -21,7 +21,11 @@ import statistics
 import threading
 import time
 
-import httpx
+try:
+    import httpx
+except ImportError as err:  # not in the base install
+    raise SystemExit(f"{err}: this script needs the HTTP clients, pip install 'qwen3moe-jax[client]' "
+                     "(or -e '.[client]' in a checkout)") from None
 
 PROMPTS = ["def fibonacci(n):\n", "The quick brown fox", "import numpy as np\n", "Once upon a time",
            "class Stack:\n    def __init__(self):\n", "1, 2, 3, 5, 8,", "for i in range(10):\n", "# A short note\n"]

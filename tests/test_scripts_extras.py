@@ -15,7 +15,8 @@ from qwen3moe_jax.parity import make_baseline
 SCRIPTS = sorted((Path(__file__).parent.parent / "scripts").glob("*.py"))
 # What the extras add beyond the base dependencies (pyproject.toml).
 EXTRA_MODULES = ["torch", "transformers", "httpx", "openai", "llama_cpp", "matplotlib", "nbclient", "pytest"]
-NEEDS = {"sse_latency": "client"}  # scripts that cannot start without an extra, and the extra they must name
+# Scripts that cannot start without an extra, and the extra they must name.
+NEEDS = {"sse_latency": "client", "load_test": "client"}
 
 
 def _without_extras(*argv: str) -> subprocess.CompletedProcess:
