@@ -190,22 +190,8 @@ def test_a_two_process_server_answers_as_one_process_and_shuts_down_cleanly():
     a stream the client leaves early does not desynchronise them; SIGTERM to process 0 ends both."""
     import httpx
 
-    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
-                               "--max-seq-len", "128", "--warmup-tokens", "16", "--mesh", "expert=2,tensor=4",
-                               "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(k)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for k in range(2)]
+    procs, url, name = _start_two_process_server()
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                name = httpx.get(f"{url}/health").json()["model"]
-                break
-            except httpx.TransportError:
-                assert all(p.poll() is None for p in procs), procs[0].stderr.read()
-                time.sleep(0.5)
         local = qj.load(progress=False)
         body = {"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0}
         with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
@@ -227,23 +213,8 @@ def test_a_follower_that_dies_mid_request_ends_the_request_with_an_error_and_the
 
     import httpx
 
-    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
-                               "--max-seq-len", "128", "--warmup-tokens", "16", "--mesh", "expert=2,tensor=4",
-                               "--decode-steps", "1", "--coordinator", coordinator, "--num-processes", "2",
-                               "--process-id", str(k)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for k in range(2)]
+    procs, url, name = _start_two_process_server("--decode-steps", "1")
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                name = httpx.get(f"{url}/health").json()["model"]
-                break
-            except httpx.TransportError:
-                assert all(p.poll() is None for p in procs), procs[0].stderr.read()
-                time.sleep(0.5)
         body = {"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             lines = (line for line in response.iter_lines() if line)
@@ -259,3 +230,30 @@ def test_a_follower_that_dies_mid_request_ends_the_request_with_an_error_and_the
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def _start_two_process_server(*flags: str) -> tuple[list[subprocess.Popen], str, str]:
+    """`serve` on the bundled model as 2 processes x 4 CPU devices (expert=2, tensor=4) with `flags`, once it
+    answers /health: (the processes, the URL, the served model name)."""
+    import httpx
+
+    port, coordinator = _free_port(), f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
+                               "--max-seq-len", "128", "--warmup-tokens", "16", "--mesh", "expert=2,tensor=4", *flags,
+                               "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(k)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            return procs, url, httpx.get(f"{url}/health").json()["model"]
+        except httpx.TransportError:
+            if not all(p.poll() is None for p in procs):
+                for p in procs:
+                    p.kill()
+                raise AssertionError(procs[0].stderr.read()) from None
+            time.sleep(0.5)
+    for p in procs:
+        p.kill()
+    raise AssertionError("the two-process server did not answer /health within 120 s")
