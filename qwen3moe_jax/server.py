@@ -64,6 +64,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from qwen3moe_jax import scheduler as sched
+from qwen3moe_jax import tool_calls
 from qwen3moe_jax.api import Model
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
@@ -135,10 +136,66 @@ class ContentPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for names
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = Field(description="JSON text, as OpenAI sends it back (or an object)")
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, reasoning_content... reach the template
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_call_id, reasoning_content... reach the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionChoice
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(_Request):
@@ -147,8 +204,10 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None  # extension, e.g. {"enable_thinking": false}
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = Field(None, description='not supported: only {"type": "text"}')
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Request):
@@ -492,11 +551,23 @@ class Prepared:
     prompt: list[int]
     sampling: SamplingParams
     request: sched.Request | None = None
+    reply: ReplyFormat | None = None  # chat: how the reply text becomes OpenAI's message fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplyFormat:
+    """How a chat reply is parsed (see tool_calls.py): `reasoning`, whether a thinking block goes to
+    reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the names of the
+    functions whose <tool_call> blocks become tool_calls (None: no parsing, as with tool_choice "none")."""
+
+    reasoning: bool = False
+    opened: bool = False
+    tools: tuple[str, ...] | None = None
 
 
 # Each parameter of OpenAI's that the server does not implement, with its values that ask for nothing.
 UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
-               "best_of": (1,), "suffix": ("",), "response_format": ({"type": "text"},)}
+               "best_of": (1,), "suffix": ("",)}
 
 
 def sampling_params(model: Model, body: _Request, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -535,14 +606,77 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(model, body, body.max_completion_tokens or body.max_tokens, logprobs)
+    tools, forced = _offered_tools(body)
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
     try:
-        text, params = model.prepare_chat([_message_dict(m) for m in body.messages], params,
-                                          tools=body.tools, **(body.chat_template_kwargs or {}))
+        text, params = model.prepare_chat(messages, params, tools=tools, **(body.chat_template_kwargs or {}))
     except Qwen3MoeError as err:
         raise ApiError(400, str(err), "messages", "invalid_value") from err
     except TypeError as err:  # a chat_template_kwargs key that clashes with the template's own arguments
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
-    return _checked(model, encode(text), params, "messages")
+    # Thinking is on unless the template was told otherwise; then Qwen3's templates pre-fill an empty block.
+    thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    reply = ReplyFormat(reasoning=thinking, opened=thinking and tool_calls.prompt_opens_thinking(text),
+                        tools=tuple(t["function"]["name"] for t in tools) if tools else None)
+    params = _constrained(model, body, params, forced, reply)
+    return dataclasses.replace(_checked(model, encode(text), params, "messages"), reply=reply)
+
+
+def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """(the tools the template offers the model, the functions decoding must call: None unless tool_choice
+    is "required" or names one). tool_choice "none" offers none, as vLLM does."""
+    choice = body.tool_choice
+    functions = [tool.function.model_dump(exclude_none=True) for tool in body.tools or []]
+    names = [f["name"] for f in functions]
+    if len(set(names)) < len(names):
+        raise ApiError(400, "tools: two tools have the same name", "tools", "invalid_value")
+    if choice not in (None, "none", "auto") and not functions:
+        raise ApiError(400, "tool_choice needs tools: send the tools it may call", "tool_choice", "invalid_value")
+    if choice == "none" or not functions:
+        return None, None
+    offered = [{"type": "function", "function": f} for f in functions]
+    if choice == "required":
+        return offered, functions
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise ApiError(400, f"tool_choice names the function {choice.function.name[:64]!r}, which is not "
+                                "one of the tools", "tool_choice", "invalid_value")
+        return offered, [f for f in functions if f["name"] == choice.function.name]
+    return offered, None
+
+
+def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced: list[dict[str, Any]] | None,
+                 reply: ReplyFormat) -> SamplingParams:
+    """`params` with the grammar that tool_choice ("required" or a named function: `forced`) or
+    response_format asks for; with thinking on, a thinking block may come first (or must be closed first,
+    when the prompt opened it), and the structure follows."""
+    fmt = body.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+        raise ApiError(400, 'response_format of type "json_schema" needs json_schema: {"name": ..., "schema": '
+                            '{...}}', "response_format", "invalid_value")
+    if forced is None and not wants_json:
+        return params
+    if forced is not None and wants_json:
+        raise ApiError(400, "response_format cannot constrain a reply that tool_choice makes a tool call",
+                       "response_format", "invalid_value")
+    thinking = None if not reply.reasoning else "open" if reply.opened else "optional"
+
+    def has_token(tag: str) -> bool:
+        return model.tokenizer.token_id(tag) is not None
+
+    if forced is not None:
+        several = body.tool_choice == "required" and body.parallel_tool_calls
+        param, constraint = "tools", {"grammar": tool_calls.tool_call_grammar(forced, several, thinking, has_token)}
+    else:
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
+        param = "response_format"
+        constraint = ({"json_schema": schema} if thinking is None else
+                      {"grammar": tool_calls.json_grammar(schema, thinking, has_token)})
+    try:
+        return dataclasses.replace(params, **constraint)
+    except Qwen3MoeError as err:
+        raise ApiError(400, f"{param}: {err}", param, "invalid_value") from err
 
 
 def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> Prepared:
@@ -649,8 +783,10 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_chat, model, body, encode))
-        return await _respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer)
+        prepared = await run_in_threadpool(prepare_chat, model, body, encode)
+        job = start(prepared)
+        return await _respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer,
+                              reply=prepared.reply)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -665,10 +801,25 @@ def _is_type_mismatch(error_type: str) -> bool:
     return error_type.endswith("_type") or error_type in ("none_required", "literal_error", "is_instance_of")
 
 
-def _message_dict(message: Message) -> dict[str, Any]:
+def _message_dict(message: Message, index: int) -> dict[str, Any]:
+    """A message as chat templates take it: text parts joined, and an assistant's tool calls with their
+    arguments as objects (OpenAI sends them as JSON text; Qwen3's templates write objects with tojson)."""
     out = message.model_dump(exclude_none=True)
     if isinstance(message.content, list):  # text parts, joined as OpenAI's own models read them
         out["content"] = "".join(part.text for part in message.content)
+    if message.content is None and message.role in ("assistant", "tool"):  # an assistant's turn of calls alone
+        out["content"] = ""
+    for i, call in enumerate(out.get("tool_calls", [])):
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, str):
+            try:
+                call["function"]["arguments"] = json.loads(arguments)
+            except ValueError as err:
+                param = f"messages.{index}.tool_calls.{i}.function.arguments"
+                raise ApiError(400, f"{param}: not JSON text ({err})", param, "invalid_value") from None
+        if not isinstance(call["function"]["arguments"], dict):
+            param = f"messages.{index}.tool_calls.{i}.function.arguments"
+            raise ApiError(400, f"{param}: must be a JSON object", param, "invalid_value")
     return out
 
 
@@ -682,9 +833,10 @@ async def _events(job: Job) -> AsyncIterator[Event]:
         yield item
 
 
-async def _respond(job: Job, body: _Request, request: Request, chat: bool, name: str, tokenizer):
+async def _respond(job: Job, body: _Request, request: Request, chat: bool, name: str, tokenizer,
+                   reply: ReplyFormat | None = None):
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    shape = _Shape(request_id, name, chat, tokenizer)
+    shape = _Shape(request_id, name, chat, tokenizer, reply or ReplyFormat())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(shape, job, include_usage), media_type="text/event-stream",
@@ -717,13 +869,31 @@ async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[st
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     try:
+        parser, calls = shape.parser(), 0
         if shape.chat:  # the first chunk carries the role
             yield data(shape.chunk({"role": "assistant", "content": ""}, None, include_usage))
         async for event in _events(job):
-            if event.text or event.logprobs is not None:
-                yield data(shape.chunk(shape.delta(event), None, include_usage, event))
+            if not shape.chat:
+                if event.text or event.logprobs is not None:
+                    yield data(shape.chunk(event.text, None, include_usage, event))
+            else:  # the text parsed as it comes: reasoning, content, and each tool call once it is complete
+                for final in (False, True) if event.finish_reason is not None else (False,):
+                    reasoning, content, new_calls = parser.feed("" if final else event.text, final)
+                    delta = {"reasoning_content": reasoning} if reasoning else {}
+                    delta |= {"content": content} if content else {}
+                    with_logprobs = not final and event.logprobs is not None
+                    if delta or with_logprobs:
+                        yield data(shape.chunk(delta, None, include_usage, event if with_logprobs else None))
+                    for call in new_calls:  # OpenAI's way: the call's head, then its arguments
+                        head = call.openai() | {"index": calls}
+                        head["function"] = {"name": call.name, "arguments": ""}
+                        yield data(shape.chunk({"tool_calls": [head]}, None, include_usage))
+                        yield data(shape.chunk({"tool_calls": [{"index": calls, "function": {
+                            "arguments": call.arguments}}]}, None, include_usage))
+                        calls += 1
             if event.finish_reason is not None:
-                yield data(shape.chunk({} if shape.chat else "", FINISH_REASONS[event.finish_reason], include_usage))
+                yield data(shape.chunk({} if shape.chat else "", shape.finish_reason(event.finish_reason, calls),
+                                       include_usage))
                 if include_usage:
                     yield data(shape.usage_chunk(event.usage))
     except Exception as err:  # after the headers went out, an error can only travel in the stream
@@ -742,13 +912,29 @@ class _Shape:
     model: str
     chat: bool
     tokenizer: Any
+    reply: ReplyFormat = dataclasses.field(default_factory=ReplyFormat)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def delta(self, event: Event) -> dict[str, str] | str:
-        return {"content": event.text} if self.chat else event.text
+    def parser(self) -> tool_calls.ReplyParser:
+        return tool_calls.ReplyParser(self.reply.reasoning, self.reply.opened, self.reply.tools)
+
+    @staticmethod
+    def finish_reason(reason: str | None, calls: int) -> str:
+        finish = FINISH_REASONS.get(reason, "stop")
+        return "tool_calls" if calls and finish == "stop" else finish
+
+    def message(self, text: str) -> tuple[dict[str, Any], int]:
+        """The chat message of a whole reply, and how many tool calls it holds."""
+        reasoning, content, calls = self.parser().feed(text, final=True)
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if reasoning or calls else "")}
+        if self.reply.reasoning:
+            message["reasoning_content"] = reasoning or None
+        if calls:
+            message["tool_calls"] = [call.openai() for call in calls]
+        return message, len(calls)
 
     def chunk(self, delta, finish_reason: str | None, include_usage: bool,
               event: Event | None = None) -> dict[str, Any]:
@@ -769,10 +955,11 @@ class _Shape:
         text = "".join(e.text for e in events)
         last = events[-1]
         logprobs = self._logprobs(events) if last.logprobs is not None else None
-        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH_REASONS.get(last.finish_reason, "stop"),
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason(last.finish_reason, 0),
                                   "logprobs": logprobs}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"], calls = self.message(text)
+            choice["finish_reason"] = self.finish_reason(last.finish_reason, calls)
         else:
             choice["text"] = text
         return self._head("chat.completion" if self.chat else "text_completion") | {

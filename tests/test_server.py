@@ -314,7 +314,7 @@ HOSTILE_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": HI, "presence_penalty": 0.5}, 400, "presence_penalty"),
     (CHAT, {"model": "tiny", "messages": HI, "frequency_penalty": -1}, 400, "frequency_penalty"),
     (CHAT, {"model": "tiny", "messages": HI, "logit_bias": {"5": 100}}, 400, "logit_bias"),
-    (CHAT, {"model": "tiny", "messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {"model": "tiny", "messages": HI, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),

@@ -1,0 +1,233 @@
+"""Qwen3's reply format, parsed into OpenAI's message fields, and the grammars that make a reply take it.
+
+A Qwen3 reply may open with a thinking block and may end in tool calls:
+
+    <think>
+    The user wants the weather.
+    </think>
+
+    Let me look it up.
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+`ReasoningSplitter` sends the thinking to `reasoning_content` and the rest to `content` (as vLLM's qwen3
+reasoning parser does); `ToolCallSplitter` takes each well-formed <tool_call> block out of the content as
+a `ToolCall`. Both work on a stream of text deltas: they hold back a tail that may be the start of a tag cut
+across tokens, and a whole reply is one delta with final=True, so streamed and whole replies split alike.
+
+`tool_call_grammar` and `json_grammar` are Lark grammars in llguidance's syntax (SamplingParams(grammar=...))
+that constrain decoding to tool calls of the given tools, or to JSON of a schema, optionally after a
+thinking block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is the start of `tag` (a tag cut across deltas)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def prompt_opens_thinking(prompt: str) -> bool:
+    """Whether the prompt leaves a thinking block open, so the reply starts inside it (Qwen3's thinking-only
+    templates end the prompt with "<think>\\n"; the reply then carries only </think>)."""
+    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+class ReasoningSplitter:
+    """Splits a reply into (reasoning, content) deltas. The reasoning is the text of a thinking block that
+    opens the reply (leading whitespace allowed) or that the prompt opened (`opened`), without the newlines
+    around it; the content is what follows </think>, without its leading whitespace. A reply that does not
+    open with <think> is all content. A block that never closes is all reasoning."""
+
+    def __init__(self, opened: bool = False) -> None:
+        self.state = "reasoning_start" if opened else "start"
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """The (reasoning, content) that `text` completes; final=True flushes everything held back."""
+        self.pending += text
+        reasoning = content = ""
+        while True:
+            if self.state == "start":
+                head = self.pending.lstrip()
+                if head.startswith(THINK_OPEN):
+                    self.pending, self.state = head[len(THINK_OPEN):], "reasoning_start"
+                elif THINK_OPEN.startswith(head) and not final:  # nothing but (the start of) <think> yet
+                    return reasoning, content
+                else:
+                    self.state = "content"
+            elif self.state == "reasoning_start":  # the newline after <think>
+                self.pending = self.pending.lstrip("\n")
+                if not self.pending and not final:
+                    return reasoning, content
+                self.state = "reasoning"
+            elif self.state == "reasoning":
+                end = self.pending.find(THINK_CLOSE)
+                if end >= 0:
+                    reasoning += self.pending[:end].rstrip("\n")
+                    self.pending, self.state = self.pending[end + len(THINK_CLOSE):], "content_start"
+                    continue
+                if final:
+                    reasoning, self.pending = reasoning + self.pending.rstrip("\n"), ""
+                    return reasoning, content
+                # Hold back a possible partial </think> and the newlines before it (dropped if it comes).
+                keep = _partial_tag_length(self.pending, THINK_CLOSE)
+                body = self.pending[:len(self.pending) - keep]
+                keep += len(body) - len(body.rstrip("\n"))
+                cut = len(self.pending) - keep
+                reasoning, self.pending = reasoning + self.pending[:cut], self.pending[cut:]
+                return reasoning, content
+            elif self.state == "content_start":  # the blank line after </think>
+                self.pending = self.pending.lstrip()
+                if not self.pending:
+                    return reasoning, content
+                self.state = "content"
+            else:
+                content, self.pending = content + self.pending, ""
+                return reasoning, content
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """One parsed call: OpenAI's id (call_...), the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+    id: str = dataclasses.field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall | None:
+    """The call a <tool_call> block's body holds: a JSON object {"name": ..., "arguments": {...}} whose name
+    is one of `names` (None: any); None if it holds anything else."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", {})
+    if not isinstance(arguments, dict) or (names is not None and value["name"] not in names):
+        return None
+    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+class ToolCallSplitter:
+    """Splits content into (text, tool calls). Each <tool_call>…</tool_call> block that holds a well-formed
+    call of one of `names` becomes a ToolCall; any other block stays text, as written, and so does a block
+    still open when the reply ends. Whitespace before a call is dropped (Qwen3 puts a newline there), so
+    a reply of calls alone has no text."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        self.names = names
+        self.pending = ""
+        self.inside = False
+        self.gap = ""  # the whitespace before the open block: dropped if it is a call, kept if not
+        self.calls = 0
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        self.pending += text
+        out, calls = "", []
+        while True:
+            if self.inside:
+                end = self.pending.find(CALL_CLOSE)
+                if end < 0:
+                    if final:
+                        out, self.pending = out + self.gap + CALL_OPEN + self.pending, ""
+                    return out, calls
+                body, self.pending = self.pending[:end], self.pending[end + len(CALL_CLOSE):]
+                self.inside = False
+                if (call := parse_tool_call(body, self.names)) is not None:
+                    calls.append(call)
+                    self.calls += 1
+                else:
+                    out += self.gap + CALL_OPEN + body + CALL_CLOSE
+                continue
+            start = self.pending.find(CALL_OPEN)
+            if start >= 0:
+                text = self.pending[:start].rstrip()
+                out, self.gap = out + text, self.pending[len(text):start]
+                self.pending, self.inside = self.pending[start + len(CALL_OPEN):], True
+                continue
+            if final:
+                tail = self.pending.rstrip() if self.calls else self.pending
+                return out + tail, calls
+            # Hold back a possible partial <tool_call>, and the whitespace before it.
+            keep = _partial_tag_length(self.pending, CALL_OPEN)
+            body = self.pending[:len(self.pending) - keep]
+            cut = len(body.rstrip())
+            out, self.pending = out + self.pending[:cut], self.pending[cut:]
+            return out, calls
+
+
+# ------------------------------------------------------------------------------------------- grammars
+
+def _tag(tag: str, has_token: Callable[[str], bool]) -> str:
+    """A tag in llguidance's Lark: the tokenizer's own token for it (llguidance matches added tokens only by
+    that syntax), or else its text."""
+    return tag if has_token(tag) else json.dumps(tag)
+
+
+def _thinking_prefix(thinking: str | None, has_token: Callable[[str], bool]) -> tuple[str, str]:
+    """(the start rule's prefix, extra rules) for a thinking block before the structured part: None for
+    none, "optional" when the reply may open one, "open" when the prompt opened it."""
+    if thinking is None:
+        return "", ""
+    rules = (f"think_text: /(.|\\n)*/\n"
+             f"think_end: {_tag(THINK_CLOSE, has_token)} /[ \\t\\n]*/\n")
+    if thinking == "open":
+        return "think_text think_end ", rules
+    return "think? ", rules + f"think: {_tag(THINK_OPEN, has_token)} think_text think_end\n"
+
+
+def json_grammar(schema: dict[str, Any], thinking: str | None, has_token: Callable[[str], bool]) -> str:
+    """JSON of `schema`, after a thinking block when `thinking` (see _thinking_prefix) asks for one."""
+    prefix, rules = _thinking_prefix(thinking, has_token)
+    return f"start: {prefix}%json{json.dumps(schema)}\n{rules}"
+
+
+def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: str | None,
+                      has_token: Callable[[str], bool]) -> str:
+    """One <tool_call> (several: one or more, a newline apart) of one of `tools` (OpenAI's function
+    objects: name, parameters), its arguments valid JSON of that tool's parameters schema, after a thinking
+    block when `thinking` asks for one."""
+    prefix, rules = _thinking_prefix(thinking, has_token)
+    calls = "call (\"\\n\" call)*" if several else "call"
+    alternatives = " | ".join(f"fn{i}" for i in range(len(tools)))
+    lines = [f"start: {prefix}{calls}",
+             f"call: {_tag(CALL_OPEN, has_token)} \"\\n\" ({alternatives}) \"\\n\" {_tag(CALL_CLOSE, has_token)}"]
+    for i, tool in enumerate(tools):
+        head = json.dumps(f'{{"name": {json.dumps(tool["name"])}, "arguments": ')
+        schema = tool.get("parameters") or {"type": "object"}
+        lines.append(f"fn{i}: {head} %json{json.dumps(schema)} \"}}\"")
+    return "\n".join(lines) + "\n" + rules
+
+
+class ReplyParser:
+    """A chat reply's text deltas as (reasoning, content, tool calls) deltas: the thinking block split off
+    when `reasoning`, then tool calls of `tools` taken out of the content (None: no tool-call parsing)."""
+
+    def __init__(self, reasoning: bool, opened: bool, tools: Sequence[str] | None) -> None:
+        self.thinking = ReasoningSplitter(opened) if reasoning else None
+        self.calls = ToolCallSplitter(tools) if tools is not None else None
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str, list[ToolCall]]:
+        reasoning, content = self.thinking.feed(text, final) if self.thinking else ("", text)
+        content, calls = self.calls.feed(content, final) if self.calls else (content, [])
+        return reasoning, content, calls

@@ -1,0 +1,228 @@
+"""Tool calls in Qwen3's format: the parser (whole and streamed), the grammars that force them (checked with
+llguidance's own matcher on the bundled tokenizer), the server's checks of tools / tool_choice /
+response_format, and multi-turn tool use rendered back through the chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from llguidance import LLMatcher, LLTokenizer
+
+import qwen3moe_jax as qj
+from qwen3moe_jax import server
+from qwen3moe_jax.tool_calls import ToolCallSplitter, json_grammar, parse_tool_call, tool_call_grammar
+
+WEATHER = {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"], "additionalProperties": False}}
+CLOCK = {"name": "now"}  # no parameters: any object
+
+
+def call_text(name: str, arguments: dict) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
+
+
+PARIS = call_text("get_weather", {"city": "Paris"})
+ROME = call_text("get_weather", {"city": "Rome", "unit": "celsius"})
+
+
+def _split(text: str, cuts: list[int], names=("get_weather", "now")):
+    splitter = ToolCallSplitter(names)
+    content, calls = "", []
+    for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        c, new = splitter.feed(text[a:b])
+        content, calls = content + c, calls + new
+    c, new = splitter.feed("", final=True)
+    return content + c, [(call.name, json.loads(call.arguments)) for call in calls + new]
+
+
+# (reply content, expected text, expected calls)
+CASES = [
+    (PARIS, "", [("get_weather", {"city": "Paris"})]),
+    (f"{PARIS}\n{ROME}", "",
+     [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome", "unit": "celsius"})]),
+    (f"Let me check.\n{PARIS}", "Let me check.", [("get_weather", {"city": "Paris"})]),
+    ("No tools needed.", "No tools needed.", []),
+    # Malformed blocks stay text, as written; the well-formed ones around them are still calls.
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', []),
+    (f'{PARIS}\n<tool_call>\n{{"arguments": {{}}}}\n</tool_call>',
+     '\n<tool_call>\n{"arguments": {}}\n</tool_call>', [("get_weather", {"city": "Paris"})]),
+    (call_text("launch_missiles", {}), call_text("launch_missiles", {}), []),  # not one of the tools
+    ('<tool_call>\n{"name": "now", "arguments": "{}"}\n</tool_call>',
+     '<tool_call>\n{"name": "now", "arguments": "{}"}\n</tool_call>', []),  # arguments must be an object
+    ('<tool_call>\n{"name": "now"}\n</tool_call>', "", [("now", {})]),  # no arguments: none
+    ('Cut off: <tool_call>\n{"name": "now", "argu', 'Cut off: <tool_call>\n{"name": "now", "argu', []),
+    ("a <tool_cal", "a <tool_cal", []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), CASES)
+def test_tool_calls_are_parsed_out_of_a_whole_reply(text, content, calls):
+    assert _split(text, []) == (content, calls)
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), CASES)
+def test_a_streamed_reply_parses_alike_wherever_it_is_cut(text, content, calls):
+    for i in range(len(text) + 1):
+        assert _split(text, [i]) == (content, calls), i
+    assert _split(text, list(range(1, len(text)))) == (content, calls)
+
+
+def test_a_call_goes_out_when_its_block_closes_and_text_before_it_at_once():
+    splitter = ToolCallSplitter(["get_weather"])
+    assert splitter.feed("Checking") == ("Checking", [])
+    assert splitter.feed(".\n<tool_") == (".", [])  # the newline and a possible tag are held back
+    text, calls = splitter.feed(PARIS[len("<tool_"):])
+    assert text == "" and [c.name for c in calls] == ["get_weather"]
+
+
+def test_calls_have_openai_ids_and_json_text_arguments():
+    call = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
+    other = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
+    assert call.openai() == {"id": call.id, "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}}
+    assert call.id.startswith("call_") and call.id != other.id
+    assert parse_tool_call("[1, 2]") is None and parse_tool_call('{"name": 3}') is None
+
+
+# ------------------------------------------------------------------------------------------ grammars
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return qj.load(progress=False).tokenizer
+
+
+def _accepts(tokenizer, grammar: str, text: str) -> bool:
+    """Whether llguidance's matcher takes the tokens of `text` and may stop after them."""
+    assert LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(grammar)) == ""
+    matcher = LLMatcher(LLTokenizer(tokenizer.backend.to_str()), LLMatcher.grammar_from_lark(grammar),
+                        log_level=0)
+    return matcher.consume_tokens(tokenizer.encode(text)) and matcher.is_accepting()
+
+
+def _has(tokenizer):
+    return lambda tag: tokenizer.token_id(tag) is not None
+
+
+THINK = "<think>\nThe user wants the weather.\n</think>\n\n"
+
+
+@pytest.mark.parametrize(("several", "thinking", "text", "accepted"), [
+    (False, None, PARIS, True),
+    (False, None, ROME, True),
+    (False, None, call_text("now", {"any": [1, "thing"]}), True),
+    (False, None, f"{PARIS}\n{ROME}", False),  # one call only
+    (True, None, f"{PARIS}\n{ROME}", True),
+    (True, None, "", False),  # at least one
+    (False, None, call_text("get_weather", {"town": "Paris"}), False),  # not the schema's property
+    (False, None, call_text("get_weather", {"unit": "celsius"}), False),  # a required property missing
+    (False, None, call_text("get_weather", {"city": "x" * 21}), False),  # past maxLength
+    (False, None, call_text("get_time", {}), False),  # not one of the tools
+    (False, None, "Sure: " + PARIS, False),  # no text before the call
+    (False, None, THINK + PARIS, False),  # no thinking when thinking is off
+    (False, "optional", THINK + PARIS, True),
+    (False, "optional", PARIS, True),
+    (False, "optional", THINK, False),
+    (False, "open", "The user wants the weather.\n</think>\n\n" + PARIS, True),
+    (False, "open", PARIS, False),  # the prompt opened the block: it must close first
+])
+def test_tool_call_grammar_admits_exactly_calls_of_the_tools(tokenizer, several, thinking, text, accepted):
+    grammar = tool_call_grammar([WEATHER, CLOCK], several, thinking, _has(tokenizer))
+    assert _accepts(tokenizer, grammar, text) is accepted
+
+
+@pytest.mark.parametrize(("thinking", "text", "accepted"), [
+    (None, '{"city": "Paris"}', True),
+    (None, '{"city": 3}', False),
+    (None, '{"city": "Paris"} and more', False),
+    ("optional", THINK + '{"city": "Paris"}', True),
+    ("optional", '{"city": "Paris", "unit": "celsius"}', True),
+    ("open", 'hmm\n</think>\n\n{"city": "Paris"}', True),
+])
+def test_json_grammar_admits_the_schema_after_an_optional_thinking_block(tokenizer, thinking, text, accepted):
+    grammar = json_grammar(WEATHER["parameters"], thinking, _has(tokenizer))
+    assert _accepts(tokenizer, grammar, text) is accepted
+
+
+def test_without_tag_tokens_the_tags_are_text(tokenizer):
+    grammar = tool_call_grammar([WEATHER], False, None, lambda tag: False)
+    assert "<tool_call>" not in grammar.replace('"<tool_call>"', "")  # every tag is a quoted string
+    assert LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(grammar)) == ""
+
+
+# ------------------------------------------------------------------------------- the server's checks
+
+@pytest.fixture(scope="module")
+def model():
+    return qj.load(progress=False)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER["parameters"]}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _prepare(model, **fields):
+    body = server.ChatRequest.model_validate({"model": "m", "messages": ASK, "max_tokens": 4} | fields)
+    return server.prepare_chat(model, body, model.encode)
+
+
+@pytest.mark.parametrize(("fields", "param", "match"), [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
+     "not one of the tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": TOOLS + TOOLS}, "tools", "same name"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
+    ({"response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"}, "response_format",
+     "cannot constrain"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]},
+     "messages.1.tool_calls.0.function.arguments", "not JSON"),
+])
+def test_bad_tools_and_formats_are_refused_with_the_parameter_named(model, fields, param, match):
+    with pytest.raises(server.ApiError, match=match) as raised:
+        _prepare(model, **fields)
+    assert (raised.value.status, raised.value.param) == (400, param)
+
+
+@pytest.mark.parametrize("body", [
+    {"tools": [{"type": "function", "function": {"name": "has space"}}]},
+    {"tools": [{"type": "retrieval", "function": {"name": "f"}}]},
+    {"tool_choice": "sometimes"},
+    {"response_format": {"type": "yaml"}},
+])
+def test_malformed_tools_fail_validation(body):
+    with pytest.raises(ValueError):
+        server.ChatRequest.model_validate({"model": "m", "messages": ASK} | body)
+
+
+def test_tool_choice_none_offers_no_tools_and_parses_none(model):
+    offered = _prepare(model, tools=TOOLS, tool_choice="auto")
+    hidden = _prepare(model, tools=TOOLS, tool_choice="none")
+    plain = _prepare(model)
+    assert "get_weather" in model.tokenizer.decode(offered.prompt) and offered.reply.tools == ("get_weather",)
+    assert hidden.prompt == plain.prompt and hidden.reply.tools is None
+
+
+def test_multi_turn_tool_use_renders_as_qwen3_writes_it(model):
+    """The assistant's earlier call comes back from an OpenAI client with content null and arguments as JSON
+    text; the template must see an object, written as Qwen3 wrote it, and the tool's reply in a
+    <tool_response> block of a user turn."""
+    messages = [*ASK,
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
+    prepared = _prepare(model, messages=messages, tools=TOOLS, chat_template_kwargs={"enable_thinking": False})
+    tools_json = json.dumps(TOOLS[0], ensure_ascii=False)
+    expected = ("<|im_start|>system\n# Tools\n\nYou may call functions:\n<tools>\n" + tools_json +
+                "\n</tools><|im_end|>\n"
+                "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                '<|im_start|>assistant\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                "</tool_call><|im_end|>\n"
+                "<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert model.tokenizer.decode(prepared.prompt) == expected
