@@ -222,7 +222,7 @@ class CompletionRequest(_Request):
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before", "union",
-               "constrained-str"}
+               "constrained-str", "NamedToolChoice"}
 _Request.model_rebuild()
 ChatRequest.model_rebuild()
 CompletionRequest.model_rebuild()

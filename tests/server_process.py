@@ -15,13 +15,15 @@ import pytest
 
 
 @contextlib.contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`serve --preset tiny ARGS...` until the context ends; yields its base URL once /health answers."""
+def running_server(*args: str, env: dict[str, str] | None = None, preset: str | None = "tiny") -> Iterator[str]:
+    """`serve --preset tiny ARGS...` (preset None: the bundled model) until the context ends; yields its base
+    URL once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--preset", "tiny", "--port", str(port), *args],
+        [sys.executable, "-m", "qwen3moe_jax.cli", "serve", *(["--preset", preset] if preset else []),
+         "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
