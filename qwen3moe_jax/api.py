@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qwen3moe_jax.config import ModelConfig, preset
+from qwen3moe_jax.constraints import Constraint, Grammars, grammar_of
 from qwen3moe_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
 from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.generation import Completion, Event, OnToken, RequestEvents, collect
@@ -74,6 +75,7 @@ class Model:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
         self.scheduler = Scheduler(self.engine)
+        self._grammars: Grammars | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -163,8 +165,20 @@ class Model:
         eos = self.config.eos_token_ids
         stops = eos if sampling.stop_token_ids is None else sampling.stop_token_ids
         limit = sampling.max_new_tokens or self.max_seq_len - len(prompt)
+        constraint = self.constraint(sampling)
         events = RequestEvents(self.tokenizer, len(prompt), sampling, limit, stops, eos, on_token)
-        return Request(prompt, sampling, events)
+        return Request(prompt, sampling, events, constraint=constraint)
+
+    def constraint(self, sampling: SamplingParams) -> Constraint | None:
+        """A fresh matcher for sampling's json_schema / regex / grammar (None without one); an invalid one
+        raises SamplingError with llguidance's reason."""
+        grammar = grammar_of(sampling.json_schema, sampling.regex, sampling.grammar)
+        if grammar is None:
+            return None
+        if self._grammars is None:
+            tokenizer = self._require_tokenizer()
+            self._grammars = Grammars(tokenizer, self.config.vocab_size, tuple(self.chat_stop_ids()))
+        return self._grammars.constraint(grammar)
 
     def complete_batch(self, prompts: Sequence[str | Sequence[int]],
                        sampling: SamplingParams | Sequence[SamplingParams] | None = None,

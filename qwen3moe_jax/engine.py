@@ -28,9 +28,10 @@ from flax import struct
 
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.config import ModelConfig
+from qwen3moe_jax.constraints import unconstrained_mask
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import Params, forward, lm_logits
-from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample, token_logprobs
+from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample, token_logprobs, unpack_mask
 from qwen3moe_jax.sharding import constrain, replicate, use_mesh
 
 MIN_BUCKET = 16
@@ -77,9 +78,10 @@ class StepTokens(NamedTuple):
 
 
 def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array,
-                 logprobs: jax.Array) -> StepTokens:
+                 logprobs: jax.Array, allowed: jax.Array) -> StepTokens:
     # NaN logits cannot raise inside jit: mark the row with -1 and let the host raise.
-    token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length))
+    allowed = unpack_mask(allowed, logits.shape[-1])
+    token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length, allowed))
     n = min(LOGPROBS_MAX, logits.shape[-1])
 
     def with_logprobs(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -98,11 +100,12 @@ def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, l
 @partial(jax.jit, static_argnames=("config", "window"), donate_argnames="slots")
 def prefill_chunk(
     params: Params, slots: Slots, sampler: SamplerState, tokens: jax.Array, row: jax.Array | None,
-    start: jax.Array, length: jax.Array, logprobs: jax.Array, config: ModelConfig, window: int,
+    start: jax.Array, length: jax.Array, logprobs: jax.Array, allowed: jax.Array, config: ModelConfig, window: int,
 ) -> tuple[StepTokens, Slots]:
     """Write the chunk tokens [R, C] (right-padded) of prompts of `length` [R] tokens at positions start[r] ..
     into cache row `row` (R = 1; None: every row, R = B), attending to the row's slots before start.
-    Where a prompt ends inside its chunk, its first new token is sampled and becomes the row's next_token.
+    Where a prompt ends inside its chunk, its first new token is sampled (among the tokens `allowed` [R, W],
+    a bitmask) and becomes the row's next_token.
     Returns the sampled tokens ([1, R], meaningful only where the prompt ended) and the state."""
     cache, history = slots.cache, slots.history
     if row is not None:  # one row: run the model on a [1, ...] view, written back in place
@@ -115,7 +118,7 @@ def prefill_chunk(
     hidden, cache, _ = forward(params, tokens, start, cache, config, window)
     last = jnp.clip(length - 1 - start, 0, C - 1)
     logits = constrain(lm_logits(params, hidden[rows, last]), (None, None))
-    out = _sample_step(logits, sampler, history, length, logprobs)
+    out = _sample_step(logits, sampler, history, length, logprobs, allowed)
     ends_here = length <= start + C
     if row is None:
         next_token = jnp.where(ends_here, jnp.maximum(out.token, 0), slots.next_token)
@@ -130,20 +133,25 @@ def prefill_chunk(
 @partial(jax.jit, static_argnames=("config", "window", "steps"), donate_argnames="slots")
 def decode_block(
     params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
-    logprobs: jax.Array, config: ModelConfig, window: int, steps: int,
+    logprobs: jax.Array, allowed: jax.Array, feed: jax.Array, config: ModelConfig, window: int, steps: int,
 ) -> tuple[StepTokens, Slots]:
     """`steps` decode steps of every row: row b feeds its next_token at positions[b], positions[b] + 1, ...
     (all below `window` for the steps whose results are used). Rows not `active` are parked at the cache
-    length S: their cache, history and next_token stay as they were. Returns StepTokens [steps, B]."""
+    length S: their cache, history and next_token stay as they were. The first step samples among the tokens
+    `allowed` [B, W] (a bitmask; the later steps are unconstrained), and a row whose feed[b] >= 0 feeds that
+    token first instead of its next_token (a constrained row whose last block was cut short goes back to it).
+    Returns StepTokens [steps, B]."""
     S = slots.history.shape[1]
     rows = jnp.arange(positions.shape[0])
+    slots = slots.replace(next_token=jnp.where(active & (feed >= 0), feed, slots.next_token))
+    anything = jnp.full_like(allowed, -1)
 
     def step(slots: Slots, i: jax.Array) -> tuple[Slots, StepTokens]:
         pos = jnp.where(active, positions + i, S)
         history = slots.history.at[rows, pos].set(slots.next_token, mode="drop")
         hidden, cache, _ = forward(params, slots.next_token[:, None], pos, slots.cache, config, window)
         logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
-        out = _sample_step(logits, sampler, history, pos + 1, logprobs)
+        out = _sample_step(logits, sampler, history, pos + 1, logprobs, jnp.where(i == 0, allowed, anything))
         next_token = jnp.where(active, jnp.maximum(out.token, 0), slots.next_token)
         return Slots(cache, history, next_token), out
 
@@ -187,6 +195,7 @@ class Engine:
         self.decode_steps = decode_steps
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
+        self._free_inputs: dict[int, tuple[jax.Array, jax.Array]] = {}
 
     @property
     def dtype(self) -> Any:
@@ -236,10 +245,21 @@ class Engine:
         size = bucket_length(remaining, C, min(MIN_BUCKET, C)) if start == 0 else C
         return size, attention_window(start + size, self.max_seq_len)
 
+    def token_mask(self, rows: Sequence[Sequence[int] | None]) -> np.ndarray:
+        """The bitmask [len(rows), W] of the tokens each row may sample: a row's constraint words
+        (constraints.Constraint.mask), or None where anything goes."""
+        mask = unconstrained_mask(len(rows), self.config.vocab_size)
+        for r, words in enumerate(rows):
+            if words is not None:
+                mask[r] = words
+        return mask
+
     def prefill(self, row: int | None, tokens: Sequence[int] | Sequence[Sequence[int]], start: int | Sequence[int],
-                length: int | Sequence[int], logprobs: bool = False) -> StepTokens:
+                length: int | Sequence[int], logprobs: bool = False,
+                allowed: Sequence[int] | Sequence[Sequence[int] | None] | None = None) -> StepTokens:
         """One prompt chunk into `row` (tokens: that chunk's ids, at most prefill_chunk; start a multiple of
-        it; length the whole prompt's), or with row=None one chunk of every row (lists of B of each)."""
+        it; length the whole prompt's), or with row=None one chunk of every row (lists of B of each).
+        allowed: the constraint words of the first token's choice (per row for row=None; None: anything)."""
         rows = [tokens] if row is not None else tokens
         starts = np.atleast_1d(np.asarray(start, np.int32))
         lengths = np.atleast_1d(np.asarray(length, np.int32))
@@ -249,9 +269,13 @@ class Engine:
             padded[r, : len(ids)] = ids
         host = (padded, starts, lengths, np.bool_(logprobs)) + (() if row is None else (np.int32(row),))
         args = replicate(host, self.mesh)
+        if allowed is None:
+            mask = self._unconstrained(len(rows))[0]
+        else:
+            mask = replicate(self.token_mask([allowed] if row is not None else allowed), self.mesh)
         with use_mesh(self.mesh):
             out, self._slots = prefill_chunk(self.params, self._take_state(), self.sampler(), args[0],
-                                             None if row is None else args[4], args[1], args[2], args[3],
+                                             None if row is None else args[4], args[1], args[2], args[3], mask,
                                              self.config, window)
         return out
 
@@ -260,18 +284,31 @@ class Engine:
         return attention_window(top_position + self.decode_steps, self.max_seq_len)
 
     def decode(self, positions: Sequence[int], active: Sequence[bool], logprobs: bool = False,
-               window: int | None = None) -> StepTokens:
-        """decode_steps steps of every row from `positions` (ignored where not `active`); the attention
-        window is the one the highest active row needs, unless given."""
+               window: int | None = None, allowed: Sequence[Sequence[int] | None] | None = None,
+               feed: Sequence[int] | None = None, steps: int | None = None) -> StepTokens:
+        """`steps` (None: decode_steps) steps of every row from `positions` (ignored where not `active`); the
+        attention window is the one the highest active row needs, unless given. allowed: per row, the
+        constraint words of its first step (None: anything); feed: per row, a token to feed first instead of
+        the row's next_token (-1: none)."""
         positions = np.asarray(positions, np.int32)
         active = np.asarray(active, bool)
         if window is None:
             window = self.decode_window(int(positions[active].max()) if active.any() else 0)
-        args = replicate((positions, active, np.bool_(logprobs)), self.mesh)
+        free_mask, no_feed = self._unconstrained(self.batch_size)
+        args = replicate((positions, active, np.bool_(logprobs)), self.mesh) + (
+            free_mask if allowed is None else replicate(self.token_mask(allowed), self.mesh),
+            no_feed if feed is None else replicate(np.asarray(feed, np.int32), self.mesh))
         with use_mesh(self.mesh):
             out, self._slots = decode_block(self.params, self._take_state(), self.sampler(), *args, self.config,
-                                            window, self.decode_steps)
+                                            window, steps or self.decode_steps)
         return out
+
+    def _unconstrained(self, rows: int) -> tuple[jax.Array, jax.Array]:
+        """(mask, feed) of `rows` rows with no constraint, kept on the device: most steps have none."""
+        if rows not in self._free_inputs:
+            self._free_inputs[rows] = replicate((unconstrained_mask(rows, self.config.vocab_size),
+                                                 np.full(rows, -1, np.int32)), self.mesh)
+        return self._free_inputs[rows]
 
     def check_request(self, prompt_len: int, max_new_tokens: int | None, logprobs: int | None = None) -> None:
         """KV-3: refuse up front a request the cache cannot hold (max_new_tokens None: fill the cache)."""

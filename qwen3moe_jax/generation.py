@@ -11,6 +11,7 @@ request), then the stop checks run. Finish reasons:
     "eos"             an EOS id of the model (the default stop ids)
     "stop_token"      another id of `stop_token_ids`
     "stop_string"     one of the `stop` strings appeared in the text (it is cut out of the text)
+    "grammar_complete" the request's json_schema / regex / grammar is matched and allows nothing more
     "max_new_tokens"  the request's token budget is spent
     "cache_full"      max_new_tokens=None and the KV cache is full
     "cancelled"       on_token returned False
@@ -109,8 +110,9 @@ class RequestEvents:
         self.count = 0
         self.first_at = math.nan
 
-    def push(self, token: int, logprobs: Logprobs | None) -> Event:
-        """The event of the next token; its finish_reason is set when the request ends with it."""
+    def push(self, token: int, logprobs: Logprobs | None, complete: bool = False) -> Event:
+        """The event of the next token; its finish_reason is set when the request ends with it (complete: the
+        request's constraint is satisfied and allows nothing more)."""
         now = time.perf_counter()
         self.count += 1
         if self.count == 1:
@@ -123,7 +125,9 @@ class RequestEvents:
         elif self.decoder is not None:
             text, hit = self.stops.push(self.decoder.step(token))
             reason = "stop_string" if hit else None
-        if reason is None and keep_going is False:
+        if reason is None and complete:
+            reason = "grammar_complete"
+        elif reason is None and keep_going is False:
             reason = "cancelled"
         elif reason is None and self.count == self.limit:
             reason = self.out_of_room

@@ -24,7 +24,9 @@ from qwen3moe_jax.errors import Qwen3MoeError
 
 def _broadcast_json(message: dict | None) -> dict:
     """Process 0's message (a JSON-able dict) on every process; the others pass None."""
-    data = np.frombuffer(json.dumps(message).encode(), np.uint8) if message is not None else None
+    # NumPy arrays (a constrained row's token mask) travel as lists.
+    text = json.dumps(message, default=lambda a: np.asarray(a).tolist())
+    data = np.frombuffer(text.encode(), np.uint8) if message is not None else None
     size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
     buffer = data if data is not None else np.zeros(size, np.uint8)
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())

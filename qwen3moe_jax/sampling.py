@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen3moe_jax.constraints import canonical_schema
 from qwen3moe_jax.errors import SamplingError
 
 
@@ -28,6 +29,10 @@ class SamplingParams:
     `stop_token_ids` (None: the model's EOS ids), or at one of the `stop` strings, which the returned
     text leaves out. `logprobs` = n asks for the chosen token's log-probability and the n most likely
     alternatives at each step (None: off).
+
+    At most one of `json_schema` (a dict or JSON text, kept as JSON text), `regex` or `grammar` (a Lark
+    grammar in llguidance's syntax, which embeds JSON schemas as `%json{...}`) constrains the output to
+    match it (constraints.py); generation then also ends where the structure is complete.
     """
 
     temperature: float = 0.0
@@ -40,6 +45,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
@@ -67,6 +75,18 @@ class SamplingParams:
                 raise SamplingError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise SamplingError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        given = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise SamplingError(f"give at most one of json_schema, regex and grammar, got {' and '.join(given)}")
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", canonical_schema(self.json_schema))
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SamplingError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
 
 def _is_int(x: Any) -> bool:
@@ -170,18 +190,39 @@ def _largest_cutoff(x: jax.Array, weight: jax.Array, target: jax.Array) -> jax.A
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def sample(logits: jax.Array, state: SamplerState, history: jax.Array, length: jax.Array) -> jax.Array:
+def unpack_mask(words: jax.Array, vocab_size: int) -> jax.Array:
+    """A token bitmask [B, W] int32 (bit t % 32 of word t // 32, constraints.py) as [B, vocab_size] bool."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=words.dtype)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size].astype(bool)
+
+
+def sample(logits: jax.Array, state: SamplerState, history: jax.Array, length: jax.Array,
+           allowed: jax.Array | None = None) -> jax.Array:
     """The next token per row [B]: penalty, temperature, top-k, top-p, then a draw keyed by (seed, length),
     so a request's draws depend only on its seed and position. Greedy rows take the argmax, and when
-    every row is greedy the filtering and the draw are skipped at run time."""
+    every row is greedy the filtering and the draw are skipped at run time.
+
+    allowed [B, V] bool: the tokens a row's constraint allows next (all True or None: unconstrained). A row takes
+    the most likely allowed token (greedy), or draws among the allowed tokens the filters keep, with the same
+    Gumbel noise as unconstrained: so wherever the unconstrained draw is allowed it is the draw (constraints.py
+    builds on this). If the filters keep no allowed token, the allowed tokens are filtered on their own."""
     logits = penalize_repeats(logits, history, length, state.repeat_penalty, state.repeat_last_n)
+    if allowed is None:
+        allowed = jnp.ones(logits.shape, bool)
     greedy_rows = (state.temperature == 0) | (state.top_k == 1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    only_allowed = jnp.where(allowed, logits, -jnp.inf)
+    greedy = jnp.argmax(only_allowed, axis=-1).astype(jnp.int32)
 
     def draw(logits: jax.Array) -> jax.Array:
-        filtered = filter_logits(logits, state.temperature, state.top_k, state.top_p)
+        def refilter(kept: jax.Array) -> jax.Array:
+            none_kept = jnp.all(kept == -jnp.inf, axis=-1, keepdims=True)
+            return jnp.where(none_kept, filter_logits(only_allowed, state.temperature, state.top_k, state.top_p),
+                             kept)
+
+        kept = jnp.where(allowed, filter_logits(logits, state.temperature, state.top_k, state.top_p), -jnp.inf)
+        kept = jax.lax.cond(jnp.all(allowed), lambda k: k, refilter, kept)
         keys = jax.vmap(jax.random.fold_in)(state.key, length)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
         return jnp.where(greedy_rows, greedy, drawn)
 
     return jax.lax.cond(jnp.all(greedy_rows), lambda _: greedy, draw, logits)

@@ -9,8 +9,14 @@ Each request gets a row (a slot) of the engine's `max_batch` rows while it runs.
      the number of requests; rows without a decoding request are parked and left untouched).
 Each token goes through its request's RequestEvents (stop tokens and strings, max_tokens, on_token) in
 order; a request ends at the token that ends it, its later tokens of the block are dropped and its row is
-free for the next step. A request's tokens do not depend on the other rows: every step computes a row
-from that row alone, and sampling draws are keyed by (seed, position) (tests/test_scheduler.py).
+free for the next step. A constrained request (constraints.py) samples the first token of each block under
+its grammar's mask; its later tokens are kept while the grammar accepts them, and from the first it refuses
+the row goes back: the next block feeds the last kept token again, at its position, masked. Since a refusal
+wastes the rest of the block, blocks run one step for a while after one (a backoff that doubles with each
+refusal and resets after a block without one), so a model that rarely follows the grammar by itself costs
+one-step blocks, and one that does keeps decode_steps.
+A request's tokens do not depend on the other rows: every step computes a row from that row alone, and
+sampling draws are keyed by (seed, position) (tests/test_scheduler.py).
 
 `Model.stream`, `complete`, `generate` and `complete_batch` drive `step` themselves (`events`); the server
 runs `serve_forever` on a thread of its own and submits and cancels from its event loop (both thread-safe).
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen3moe_jax.constraints import Constraint
 from qwen3moe_jax.engine import Engine, StepTokens
 from qwen3moe_jax.errors import Qwen3MoeError, SamplingError
 from qwen3moe_jax.generation import Event, Logprobs, RequestEvents
@@ -35,6 +42,8 @@ from qwen3moe_jax.sampling import SamplingParams
 # The SamplingParams fields the device reads; stop strings and ids are the host's business.
 DEVICE_FIELDS = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed")
 DEFAULT_PREFILL_CHUNKS = 1
+# One-step blocks after a constraint refused a token: this many at first, doubling per refusal up to the most.
+SINGLE_STEP_BACKOFF = (4, 64)
 
 
 class QueueFull(Qwen3MoeError):
@@ -52,9 +61,13 @@ class Request:
     sampling: SamplingParams
     events: RequestEvents
     emit: Emit | None = None  # where its events go (set by whoever submits it)
+    constraint: Constraint | None = None  # its json_schema / regex / grammar, as a matcher
     row: int | None = None
     prefilled: int = 0  # prompt tokens in the cache
     position: int = 0  # the position of the token the row feeds to its next decode step
+    feed: int = -1  # a token its next decode block feeds first (after a constraint cut the last block short)
+    single_steps: int = 0  # one-step blocks to run before trying decode_steps again (after a refusal)
+    backoff: int = SINGLE_STEP_BACKOFF[0]
     cancelled: bool = False
     finished: bool = False
     admitted: int = 0  # admission order
@@ -204,46 +217,75 @@ class Scheduler:
     def _prefill(self, request: Request) -> None:
         n, start = len(request.prompt), request.prefilled
         chunk = request.prompt[start: start + self.engine.prefill_chunk]
+        last = start + len(chunk) == n
         out = self.call("prefill", row=request.row, tokens=chunk, start=start, length=n,
-                        logprobs=request.sampling.logprobs is not None)
+                        logprobs=request.sampling.logprobs is not None,
+                        allowed=request.constraint.mask() if last and request.constraint else None)
         request.prefilled = start + len(chunk)
         if request.decoding:
             self.prompt_tokens += n
             request.position = n
-            self._deliver(request, _to_host(out, request.sampling.logprobs is not None), 0, 0)
+            self._take(request, _to_host(out, request.sampling.logprobs is not None), 0, 0)
 
     def _decode(self) -> None:
         active = [r is not None and r.decoding for r in self.rows]
         requests = [r if a else None for r, a in zip(self.rows, active, strict=True)]
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
-        out = _to_host(self.call("decode", positions=[r.position if r else 0 for r in requests], active=active,
-                                 logprobs=logprobs), logprobs)
-        for step in range(self.engine.decode_steps):
-            for b, request in enumerate(requests):
-                if request is not None and not request.finished:
-                    self._deliver(request, out, step, b)
-        for request in requests:
-            if request is not None:
-                request.position += self.engine.decode_steps
+        constrained = [r if r is not None and r.constraint else None for r in requests]
+        steps = 1 if any(r and r.single_steps for r in constrained) else self.engine.decode_steps
+        out = _to_host(self.call(
+            "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
+            allowed=[r and r.constraint.mask() for r in constrained] if any(constrained) else None,
+            feed=[r.feed if r else -1 for r in constrained] if any(r and r.feed >= 0 for r in constrained) else None,
+            steps=steps), logprobs)
+        for b, request in enumerate(requests):
+            if request is None:
+                continue
+            request.feed = -1
+            for step in range(steps):
+                if request.finished:
+                    break
+                if not self._take(request, out, step, b):  # refused by its constraint: redo this step, masked
+                    request.feed = int(out.token[step - 1, b])
+                    request.position += step
+                    request.single_steps, request.backoff = request.backoff, min(2 * request.backoff,
+                                                                                 SINGLE_STEP_BACKOFF[1])
+                    break
+            else:
+                request.position += steps
+                if steps == 1:
+                    request.single_steps = max(request.single_steps - 1, 0)
+                else:
+                    request.backoff = SINGLE_STEP_BACKOFF[0]
 
-    def _deliver(self, request: Request, out: StepTokens, step: int, col: int) -> None:
+    def _take(self, request: Request, out: StepTokens, step: int, col: int) -> bool:
+        """Deliver the request's token of `step`, unless its constraint refuses it (False): a step sampled
+        under the constraint's mask is never refused (step 0 of a block, or a prefill)."""
         token = int(out.token[step, col])
         if token < 0:
             self._end(request, SamplingError("the model produced NaN logits; the weights or inputs are broken"))
-            return
+            return True
+        if request.constraint is not None and not request.constraint.accept(token):
+            if step > 0:
+                return False
+            self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask "
+                                             f"({request.constraint.error() or 'no tokens allowed'})"))
+            return True
         n = request.sampling.logprobs
         logprobs = None if n is None else Logprobs(float(out.logprob[step, col]), tuple(
             (int(i), float(p)) for i, p in zip(out.top_ids[step, col, :n], out.top_logprob[step, col, :n],
                                                strict=True)))
         self.generated_tokens += 1
         try:
-            event = request.events.push(token, logprobs)
+            event = request.events.push(token, logprobs, complete=request.constraint is not None
+                                        and request.constraint.complete)
         except Exception as err:  # the request's own on_token callback failed: it alone ends
             self._end(request, err)
-            return
+            return True
         request.emit(event)
         if event.finish_reason is not None:
             self._end(request)
+        return True
 
     def _end(self, request: Request, error: BaseException | None = None) -> None:
         if request.finished:

@@ -72,8 +72,8 @@ from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.scheduler import Emit, QueueFull, Scheduler
 from qwen3moe_jax.tokenizer import Tokenizer
 
-FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "max_new_tokens": "length",
-                  "cache_full": "length"}
+FINISH_REASONS = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "grammar_complete": "stop",
+                  "max_new_tokens": "length", "cache_full": "length"}
 
 
 # ---------------------------------------------------------------------------------------------- requests
