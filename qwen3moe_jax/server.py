@@ -674,7 +674,9 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced
         constraint = ({"json_schema": schema} if thinking is None else
                       {"grammar": tool_calls.json_grammar(schema, thinking, has_token)})
     try:
-        return dataclasses.replace(params, **constraint)
+        params = dataclasses.replace(params, **constraint)
+        model.constraint(params)  # refused here, the error names the parameter (the engine builds its own)
+        return params
     except Qwen3MoeError as err:
         raise ApiError(400, f"{param}: {err}", param, "invalid_value") from err
 

@@ -31,6 +31,9 @@ from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+# JSON in the grammars is written as Python's json.dumps and Qwen3's chat template write it ({"a": 1, "b": 2}),
+# with no free whitespace (which llguidance's default allows, and a weak model pads forever).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _partial_tag_length(text: str, tag: str) -> int:
@@ -196,10 +199,15 @@ def _thinking_prefix(thinking: str | None, has_token: Callable[[str], bool]) -> 
     return "think? ", rules + f"think: {_tag(THINK_OPEN, has_token)} think_text think_end\n"
 
 
+def _json(schema: dict[str, Any]) -> str:
+    """A schema embedded in Lark, in JSON_STYLE (unless the schema's own x-guidance says otherwise)."""
+    return "%json" + json.dumps({"x-guidance": JSON_STYLE} | schema)
+
+
 def json_grammar(schema: dict[str, Any], thinking: str | None, has_token: Callable[[str], bool]) -> str:
     """JSON of `schema`, after a thinking block when `thinking` (see _thinking_prefix) asks for one."""
     prefix, rules = _thinking_prefix(thinking, has_token)
-    return f"start: {prefix}%json{json.dumps(schema)}\n{rules}"
+    return f"start: {prefix}{_json(schema)}\n{rules}"
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: str | None,
@@ -215,7 +223,7 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: 
     for i, tool in enumerate(tools):
         head = json.dumps(f'{{"name": {json.dumps(tool["name"])}, "arguments": ')
         schema = tool.get("parameters") or {"type": "object"}
-        lines.append(f"fn{i}: {head} %json{json.dumps(schema)} \"}}\"")
+        lines.append(f"fn{i}: {head} {_json(schema)} \"}}\"")
     return "\n".join(lines) + "\n" + rules
 
 
