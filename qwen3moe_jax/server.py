@@ -618,8 +618,9 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
     thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     reply = ReplyFormat(reasoning=thinking, opened=thinking and tool_calls.prompt_opens_thinking(text),
                         tools=tuple(t["function"]["name"] for t in tools) if tools else None)
-    params = _constrained(model, body, params, forced, reply)
-    return dataclasses.replace(_checked(model, encode(text), params, "messages"), reply=reply)
+    prompt = encode(text)
+    params = _constrained(model, body, params, forced, reply, len(prompt))
+    return dataclasses.replace(_checked(model, prompt, params, "messages"), reply=reply)
 
 
 def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
@@ -646,10 +647,10 @@ def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list
 
 
 def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced: list[dict[str, Any]] | None,
-                 reply: ReplyFormat) -> SamplingParams:
+                 reply: ReplyFormat, prompt_length: int) -> SamplingParams:
     """`params` with the grammar that tool_choice ("required" or a named function: `forced`) or
-    response_format asks for; with thinking on, a thinking block may come first (or must be closed first,
-    when the prompt opened it), and the structure follows."""
+    response_format asks for. With thinking on, a thinking block of at most half the reply's tokens may come
+    first (or must be closed first, when the prompt opened it), and the structure follows."""
     fmt = body.response_format
     wants_json = fmt is not None and fmt.type != "text"
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
@@ -660,7 +661,8 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced
     if forced is not None and wants_json:
         raise ApiError(400, "response_format cannot constrain a reply that tool_choice makes a tool call",
                        "response_format", "invalid_value")
-    thinking = None if not reply.reasoning else "open" if reply.opened else "optional"
+    limit = params.max_new_tokens or model.max_seq_len - prompt_length
+    thinking = tool_calls.Thinking(reply.opened, limit // 2) if reply.reasoning else None
 
     def has_token(tag: str) -> bool:
         return model.tokenizer.token_id(tag) is not None

@@ -187,14 +187,24 @@ def _tag(tag: str, has_token: Callable[[str], bool]) -> str:
     return tag if has_token(tag) else json.dumps(tag)
 
 
-def _thinking_prefix(thinking: str | None, has_token: Callable[[str], bool]) -> tuple[str, str]:
-    """(the start rule's prefix, extra rules) for a thinking block before the structured part: None for
-    none, "optional" when the reply may open one, "open" when the prompt opened it."""
+@dataclasses.dataclass(frozen=True)
+class Thinking:
+    """A thinking block before a constrained structure: `opened` when the prompt opened it (the reply must
+    close it), else the reply may open one; at most `max_tokens` tokens of it, after which the grammar lets
+    only </think> come, so the structure still gets the rest of the reply's tokens (a model that never
+    closes its thinking, like the bundled one, would otherwise spend them all)."""
+
+    opened: bool
+    max_tokens: int
+
+
+def _thinking_prefix(thinking: Thinking | None, has_token: Callable[[str], bool]) -> tuple[str, str]:
+    """(the start rule's prefix, extra rules) for the thinking block, if any."""
     if thinking is None:
         return "", ""
-    rules = (f"think_text: /(.|\\n)*/\n"
-             f"think_end: {_tag(THINK_CLOSE, has_token)} /[ \\t\\n]*/\n")
-    if thinking == "open":
+    rules = (f"think_text[max_tokens={max(1, thinking.max_tokens)}]: /(.|\\n)*/\n"
+             f"think_end: {_tag(THINK_CLOSE, has_token)} /\\n{{0,2}}/\n")  # Qwen3 leaves a blank line; no padding
+    if thinking.opened:
         return "think_text think_end ", rules
     return "think? ", rules + f"think: {_tag(THINK_OPEN, has_token)} think_text think_end\n"
 
@@ -204,13 +214,13 @@ def _json(schema: dict[str, Any]) -> str:
     return "%json" + json.dumps({"x-guidance": JSON_STYLE} | schema)
 
 
-def json_grammar(schema: dict[str, Any], thinking: str | None, has_token: Callable[[str], bool]) -> str:
-    """JSON of `schema`, after a thinking block when `thinking` (see _thinking_prefix) asks for one."""
+def json_grammar(schema: dict[str, Any], thinking: Thinking | None, has_token: Callable[[str], bool]) -> str:
+    """JSON of `schema`, after a thinking block when `thinking` asks for one."""
     prefix, rules = _thinking_prefix(thinking, has_token)
     return f"start: {prefix}{_json(schema)}\n{rules}"
 
 
-def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: str | None,
+def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: Thinking | None,
                       has_token: Callable[[str], bool]) -> str:
     """One <tool_call> (several: one or more, a newline apart) of one of `tools` (OpenAI's function
     objects: name, parameters), its arguments valid JSON of that tool's parameters schema, after a thinking

@@ -11,7 +11,7 @@ from llguidance import LLMatcher, LLTokenizer
 
 import qwen3moe_jax as qj
 from qwen3moe_jax import server
-from qwen3moe_jax.tool_calls import ToolCallSplitter, json_grammar, parse_tool_call, tool_call_grammar
+from qwen3moe_jax.tool_calls import Thinking, ToolCallSplitter, json_grammar, parse_tool_call, tool_call_grammar
 
 WEATHER = {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -108,6 +108,7 @@ def _has(tokenizer):
 
 
 THINK = "<think>\nThe user wants the weather.\n</think>\n\n"
+OPTIONAL, OPENED = Thinking(opened=False, max_tokens=100), Thinking(opened=True, max_tokens=100)
 
 
 @pytest.mark.parametrize(("several", "thinking", "text", "accepted"), [
@@ -123,11 +124,11 @@ THINK = "<think>\nThe user wants the weather.\n</think>\n\n"
     (False, None, call_text("get_time", {}), False),  # not one of the tools
     (False, None, "Sure: " + PARIS, False),  # no text before the call
     (False, None, THINK + PARIS, False),  # no thinking when thinking is off
-    (False, "optional", THINK + PARIS, True),
-    (False, "optional", PARIS, True),
-    (False, "optional", THINK, False),
-    (False, "open", "The user wants the weather.\n</think>\n\n" + PARIS, True),
-    (False, "open", PARIS, False),  # the prompt opened the block: it must close first
+    (False, OPTIONAL, THINK + PARIS, True),
+    (False, OPTIONAL, PARIS, True),
+    (False, OPTIONAL, THINK, False),
+    (False, OPENED, "The user wants the weather.\n</think>\n\n" + PARIS, True),
+    (False, OPENED, PARIS, False),  # the prompt opened the block: it must close first
 ])
 def test_tool_call_grammar_admits_exactly_calls_of_the_tools(tokenizer, several, thinking, text, accepted):
     grammar = tool_call_grammar([WEATHER, CLOCK], several, thinking, _has(tokenizer))
@@ -138,13 +139,25 @@ def test_tool_call_grammar_admits_exactly_calls_of_the_tools(tokenizer, several,
     (None, '{"city": "Paris"}', True),
     (None, '{"city": 3}', False),
     (None, '{"city": "Paris"} and more', False),
-    ("optional", THINK + '{"city": "Paris"}', True),
-    ("optional", '{"city": "Paris", "unit": "celsius"}', True),
-    ("open", 'hmm\n</think>\n\n{"city": "Paris"}', True),
+    (OPTIONAL, THINK + '{"city": "Paris"}', True),
+    (OPTIONAL, '{"city": "Paris", "unit": "celsius"}', True),
+    (OPENED, 'hmm\n</think>\n\n{"city": "Paris"}', True),
 ])
 def test_json_grammar_admits_the_schema_after_an_optional_thinking_block(tokenizer, thinking, text, accepted):
     grammar = json_grammar(WEATHER["parameters"], thinking, _has(tokenizer))
     assert _accepts(tokenizer, grammar, text) is accepted
+
+
+def test_thinking_is_closed_after_its_budget(tokenizer):
+    """Past max_tokens of thinking only </think> may come (then the structure), whatever the model wants."""
+    grammar = json_grammar({"type": "integer"}, Thinking(opened=True, max_tokens=4), _has(tokenizer))
+    matcher = LLMatcher(LLTokenizer(tokenizer.backend.to_str()), LLMatcher.grammar_from_lark(grammar), log_level=0)
+    words = tokenizer.encode(" one two three four five six")
+    assert matcher.consume_tokens(words[:4])
+    assert matcher.validate_tokens(words[4:5]) == 0  # a fifth token of thinking is refused
+    assert matcher.consume_tokens(tokenizer.encode("</think>\n\n42")) and matcher.is_accepting()
+    roomy = json_grammar({"type": "integer"}, Thinking(opened=True, max_tokens=40), _has(tokenizer))
+    assert _accepts(tokenizer, roomy, " one two three four five six</think>\n\n42")
 
 
 def test_without_tag_tokens_the_tags_are_text(tokenizer):
