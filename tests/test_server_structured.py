@@ -190,6 +190,26 @@ def test_streamed_tool_calls_arrive_as_openai_streams_them(client):
                                                  for c in whole]
 
 
+def test_thinking_then_a_forced_call_streamed_and_whole(client):
+    """Thinking on: the bundled model opens a thinking block it never closes by itself; the grammar closes it
+    after half of max_tokens, and the call follows. The thinking is reasoning_content, the call a tool call,
+    alike in the stream."""
+    body = dict(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                max_tokens=120, temperature=1, seed=1)
+    whole = client.chat.completions.create(**body).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    assert whole.message.reasoning_content and "<think>" not in whole.message.reasoning_content
+    _check_calls(whole.message.tool_calls)
+    reasoning, arguments = "", ""
+    for chunk in client.chat.completions.create(stream=True, **body):
+        delta = chunk.choices[0].delta
+        assert not delta.content
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        arguments += "".join(call.function.arguments or "" for call in delta.tool_calls or [])
+    assert reasoning == whole.message.reasoning_content
+    assert arguments == whole.message.tool_calls[0].function.arguments
+
+
 def test_tool_choice_none_leaves_the_tools_out(client):
     usage = {}
     for choice in ("none", "auto"):
