@@ -24,6 +24,9 @@ always before a response starts, so a streaming request with bad parameters gets
      (`Worker`): up to --max-batch requests share each decode step, and up to --max-queue wait for a row;
      beyond that a request gets 503 with Retry-After. The loop passes each event to the job's asyncio queue;
      the response reads from it.
+A chat reply is parsed as it comes (tool_calls.ReplyParser, set up by the request's ReplyFormat): a leading
+thinking block goes to reasoning_content and <tool_call> blocks to tool_calls; tool_choice "required" or a
+named function, and response_format, constrain decoding with a grammar (`_constrained`).
 A job is cancelled (its request leaves the scheduler at the next step, freeing its row without disturbing
 the others) when its client goes away: for a streaming response Starlette stops the body iterator (see
 _sse); for a whole response `_respond` waits for the ASGI http.disconnect message beside the events.
