@@ -12,12 +12,17 @@ after a --prompt-tokens prompt, --repeats times alternately (so load from other 
 medians are compared; tokens/s counts the tokens after the first, as Usage does.
 
 --breakdown times the pieces of one decode step as separate jit functions on the same weights (the MoE block per
-kernel, attention over the window, lm_head, sampling) and the whole step, and prints each one's share.
+kernel, attention over the window, lm_head, sampling) and the whole step, and prints each one's share. It then
+profiles the whole step (jax.profiler: XLA:CPU records each thunk it runs) and sums the thunks' times by what they
+do, from the compiled HLO: the copies of the chosen experts' weights that XLA:CPU makes before multiplying them,
+the expert matmuls, lm_head, the other matmuls (attention, router), and all other ops; and counts the thunks.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import statistics
 import tempfile
 import time
@@ -106,6 +111,8 @@ def breakdown(model: qj.Model, window: int, kernels: list[str], per_token_ms: di
         print(f"  {name:45s} {value:8.3f} ms")
     L = c.num_layers
     for kernel in kernels:
+        profile_step(*compiled[f"whole step, {kernel} (all layers, one jit)"], c, kernel)
+    for kernel in kernels:
         parts = L * (ms["attention over a 256 window, 1 layer"] + ms[f"MoE block, {kernel}, 1 layer"]) + \
             ms["final norm + lm_head"] + ms["sampling"]
         step = ms[f"whole step, {kernel} (all layers, one jit)"]
@@ -113,6 +120,53 @@ def breakdown(model: qj.Model, window: int, kernels: list[str], per_token_ms: di
         print(f"  {kernel}: {L} x (attention + MoE) + lm_head + sampling = {parts:.2f} ms; the whole step "
               f"{step:.2f} ms; full decode {full:.2f} ms/token, so {full - step:.2f} ms outside the step "
               "(host loop, dispatch, reads)")
+
+
+def profile_step(step, args: tuple, c: qj.ModelConfig, kernel: str, calls: int = 100) -> None:
+    """Run the compiled whole step `calls` times under jax.profiler and print the time of its thunks (XLA:CPU's units
+    of execution: a fusion, a dot, a copy) summed by what they do, per step. Thunks run on XLA's thread pool, two at
+    a time at most on two cores, so the sum can exceed the step's wall time; the shares are what matter."""
+    from jax._src.lib import _profile_data
+
+    # Each HLO instruction's result shape and source op, from the compiled module the profiler names thunks by.
+    hlo = step.lower(*args).compile().as_text()
+    shape_of = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])", hlo, re.M))
+    k, E, F, V = c.num_experts_per_tok, c.hidden_size, c.moe_intermediate_size, c.vocab_size
+    expert_blocks = {f"f32[{k},{E},{F}]", f"f32[{k},{F},{E}]"}
+    expert_rows = {f"f32[{k},1,{F}]", f"f32[{k},1,{E}]", f"f32[{k},{F}]", f"f32[{k},{E}]"}
+
+    def what(name: str) -> str:
+        shape = shape_of.get(name, "")
+        if "gather" in name and shape in expert_blocks:
+            return "copies of the chosen experts' weights (gather)"
+        if name.startswith("dot") or "ynn" in name:
+            if shape in expert_rows:
+                return "expert matmuls (on the copies)"
+            return "lm_head matmul" if shape.endswith(f",{V}]") else "other matmuls (attention q/k/v/o, scores, router)"
+        return "all other ops (norms, rope, softmax, cache writes, routing, combine, sampling)"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.block_until_ready(step(*args))
+        jax.profiler.start_trace(tmp)
+        start = time.perf_counter()
+        for _ in range(calls):
+            jax.block_until_ready(step(*args))
+        wall = (time.perf_counter() - start) / calls
+        jax.profiler.stop_trace()
+        profile = _profile_data.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    total: collections.Counter[str] = collections.Counter()
+    thunks = 0
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in shape_of and dict(event.stats).get("hlo_module") is not None:
+                    total[what(event.name)] += event.duration_ns
+                    thunks += 1
+    busy = sum(total.values())
+    print(f"\n  whole step, {kernel}, profiled over {calls} calls: {wall * 1e3:.2f} ms a step (with the profiler on), "
+          f"{thunks / calls:.0f} thunks a step, {busy / calls / 1e6:.2f} ms of thunk time a step:")
+    for name, ns in total.most_common():
+        print(f"    {ns / calls / 1e6:7.3f} ms  {100 * ns / busy:5.1f}%  {name}")
 
 
 def main() -> None:
