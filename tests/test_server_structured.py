@@ -292,3 +292,17 @@ def test_thinking_off_changes_nothing(client):
     raw = client.completions.create(prompt=prompt, stop=["<|im_end|>", "<|endoftext|>"], **common)
     reply = client.chat.completions.create(messages=ASK, extra_body=NO_THINKING, **common).choices[0].message
     assert reply.content == raw.choices[0].text and "reasoning_content" not in reply.model_dump()
+
+
+def test_json_after_a_thinking_block_the_prompt_opened(thinking_app):
+    """The prompt opened the block: the grammar lets the model think (closing the block after half of
+    max_tokens at the latest), then write the JSON; reasoning_content holds the thinking, and the content
+    validates."""
+    thinking_app, _ = thinking_app
+    for seed in SEEDS:
+        choice = thinking_app.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=160, temperature=1, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "item", "schema": SCHEMA}}).choices[0]
+        assert choice.finish_reason == "stop" and choice.message.reasoning_content
+        assert "</think>" not in choice.message.reasoning_content + choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
