@@ -7,11 +7,13 @@ jit step as a packed bitmask (32 token ids per int32 word, `mask_words` per row)
 new schema never compiles anything; an unconstrained row's words are all ones (ALL_ALLOWED).
 
 How the mask combines with sampling (sampling.sample): the draw is the Gumbel-max draw of the unconstrained
-sampler restricted to the allowed tokens. So a draw that the grammar allows anyway is exactly the unconstrained
-draw; the scheduler relies on this to keep several decode steps per device call: the mask applies to a block's
-first step, and each later token of the block is checked on the host, kept while the grammar accepts it and
-dropped from the first one it refuses (that step is redone, masked, in the next block). The tokens are the
-same as with a mask at every step (tests/test_constraints.py).
+sampler restricted to the allowed tokens (greedy: the most likely allowed token). So a draw under a larger set
+of tokens that lands in the allowed set is exactly the draw under the allowed set. The scheduler relies on
+this to keep several decode steps per device call: all steps of a block sample under the mask of the block's
+first step, and on the host each later token is kept while it is allowed in its own state and that state's
+allowed tokens all were in the first step's mask (inside a JSON string, say); from the first that fails, the
+row goes back and redoes that step in the next block. The tokens are the same as with each state's own mask
+at every step (tests/test_constraints.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import numpy as np
 from qwen3moe_jax.errors import SamplingError
 
 ALL_ALLOWED = -1  # an int32 word with every bit set: all 32 of its tokens allowed
-# JSON is generated compact-ish (one space after ':' and ','), not with free whitespace: llguidance's default
-# lets a weak model pad with whitespace forever. A schema's own "x-guidance" options still override this.
-JSON_DEFAULTS = {"whitespace_flexible": False}
+# JSON is written as Python's json.dumps and Qwen3's chat template write it ({"a": 1, "b": [2, 3]}), with no
+# free whitespace: llguidance's default allows it, and a weak model pads with it forever. A schema's own
+# "x-guidance" options override this.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def mask_words(vocab_size: int) -> int:
@@ -44,7 +47,7 @@ def grammar_of(json_schema: str | None, regex: str | None, grammar: str | None) 
 
     if json_schema is not None:
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_DEFAULTS)
+            return llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_STYLE)
         except ValueError as err:
             raise SamplingError(f"json_schema is not a JSON object: {err}") from err
     if regex is not None:
@@ -105,11 +108,15 @@ class Constraint:
             self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
         return self._mask
 
-    def accept(self, token: int) -> bool:
-        """Take `token` if the mask allows it next (True); otherwise change nothing (False). The mask, not the
-        matcher's own consume check, decides: llguidance may accept a token its mask leaves out (a
-        non-canonical tokenization), and a token must be allowed exactly when a masked draw could give it."""
-        if not 0 <= token < self.words * 32 or not self.mask()[token >> 5] >> (token & 31) & 1:
+    def accept(self, token: int, drawn_under: np.ndarray | None = None) -> bool:
+        """Take `token` (True), drawn under the mask `drawn_under` (None: under this state's own mask), if it
+        is the token a draw under this state's mask gives: it is allowed, and every allowed token was in
+        `drawn_under` too (sampling.sample). Otherwise change nothing (False). The mask decides, not the
+        matcher's consume check, which also takes some tokens its mask leaves out (non-canonical ones)."""
+        mask = self.mask()
+        if not 0 <= token < self.words * 32 or not mask[token >> 5] >> (token & 31) & 1:
+            return False
+        if drawn_under is not None and np.any(mask & ~drawn_under):
             return False
         self._mask = None
         return self.matcher.consume_token(token)

@@ -137,21 +137,20 @@ def decode_block(
 ) -> tuple[StepTokens, Slots]:
     """`steps` decode steps of every row: row b feeds its next_token at positions[b], positions[b] + 1, ...
     (all below `window` for the steps whose results are used). Rows not `active` are parked at the cache
-    length S: their cache, history and next_token stay as they were. The first step samples among the tokens
-    `allowed` [B, W] (a bitmask; the later steps are unconstrained), and a row whose feed[b] >= 0 feeds that
-    token first instead of its next_token (a constrained row whose last block was cut short goes back to it).
-    Returns StepTokens [steps, B]."""
+    length S: their cache, history and next_token stay as they were. Every step samples among the tokens
+    `allowed` [B, W] (a bitmask: a constrained row's mask at the block's start, which the host checks the later
+    steps against), and a row whose feed[b] >= 0 feeds that token first instead of its next_token (a
+    constrained row whose last block was cut short goes back to it). Returns StepTokens [steps, B]."""
     S = slots.history.shape[1]
     rows = jnp.arange(positions.shape[0])
     slots = slots.replace(next_token=jnp.where(active & (feed >= 0), feed, slots.next_token))
-    anything = jnp.full_like(allowed, -1)
 
     def step(slots: Slots, i: jax.Array) -> tuple[Slots, StepTokens]:
         pos = jnp.where(active, positions + i, S)
         history = slots.history.at[rows, pos].set(slots.next_token, mode="drop")
         hidden, cache, _ = forward(params, slots.next_token[:, None], pos, slots.cache, config, window)
         logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
-        out = _sample_step(logits, sampler, history, pos + 1, logprobs, jnp.where(i == 0, allowed, anything))
+        out = _sample_step(logits, sampler, history, pos + 1, logprobs, allowed)
         next_token = jnp.where(active, jnp.maximum(out.token, 0), slots.next_token)
         return Slots(cache, history, next_token), out
 
@@ -288,7 +287,7 @@ class Engine:
                feed: Sequence[int] | None = None, steps: int | None = None) -> StepTokens:
         """`steps` (None: decode_steps) steps of every row from `positions` (ignored where not `active`); the
         attention window is the one the highest active row needs, unless given. allowed: per row, the
-        constraint words of its first step (None: anything); feed: per row, a token to feed first instead of
+        constraint words its steps sample under (None: anything); feed: per row, a token to feed first instead of
         the row's next_token (-1: none)."""
         positions = np.asarray(positions, np.int32)
         active = np.asarray(active, bool)

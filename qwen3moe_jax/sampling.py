@@ -202,28 +202,22 @@ def sample(logits: jax.Array, state: SamplerState, history: jax.Array, length: j
     so a request's draws depend only on its seed and position. Greedy rows take the argmax, and when
     every row is greedy the filtering and the draw are skipped at run time.
 
-    allowed [B, V] bool: the tokens a row's constraint allows next (all True or None: unconstrained). A row takes
-    the most likely allowed token (greedy), or draws among the allowed tokens the filters keep, with the same
-    Gumbel noise as unconstrained: so wherever the unconstrained draw is allowed it is the draw (constraints.py
-    builds on this). If the filters keep no allowed token, the allowed tokens are filtered on their own."""
+    allowed [B, V] bool: the tokens a row's constraint allows next (all True or None: unconstrained). A row
+    takes the most likely allowed token (greedy), or draws among the allowed tokens the filters keep, with the
+    Gumbel noise of the unconstrained draw; when the filters keep none of them, the most likely allowed token.
+    So the draw under any set of allowed tokens that holds it is the same draw (constraints.py builds on it)."""
     logits = penalize_repeats(logits, history, length, state.repeat_penalty, state.repeat_last_n)
     if allowed is None:
         allowed = jnp.ones(logits.shape, bool)
     greedy_rows = (state.temperature == 0) | (state.top_k == 1)
-    only_allowed = jnp.where(allowed, logits, -jnp.inf)
-    greedy = jnp.argmax(only_allowed, axis=-1).astype(jnp.int32)
+    greedy = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
 
     def draw(logits: jax.Array) -> jax.Array:
-        def refilter(kept: jax.Array) -> jax.Array:
-            none_kept = jnp.all(kept == -jnp.inf, axis=-1, keepdims=True)
-            return jnp.where(none_kept, filter_logits(only_allowed, state.temperature, state.top_k, state.top_p),
-                             kept)
-
         kept = jnp.where(allowed, filter_logits(logits, state.temperature, state.top_k, state.top_p), -jnp.inf)
-        kept = jax.lax.cond(jnp.all(allowed), lambda k: k, refilter, kept)
         keys = jax.vmap(jax.random.fold_in)(state.key, length)
         drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
-        return jnp.where(greedy_rows, greedy, drawn)
+        none_kept = jnp.all(kept == -jnp.inf, axis=-1)
+        return jnp.where(greedy_rows | none_kept, greedy, drawn)
 
     return jax.lax.cond(jnp.all(greedy_rows), lambda _: greedy, draw, logits)
 

@@ -9,11 +9,11 @@ Each request gets a row (a slot) of the engine's `max_batch` rows while it runs.
      the number of requests; rows without a decoding request are parked and left untouched).
 Each token goes through its request's RequestEvents (stop tokens and strings, max_tokens, on_token) in
 order; a request ends at the token that ends it, its later tokens of the block are dropped and its row is
-free for the next step. A constrained request (constraints.py) samples the first token of each block under
-its grammar's mask; its later tokens are kept while the grammar accepts them, and from the first it refuses
-the row goes back: the next block feeds the last kept token again, at its position, masked. Since a refusal
-wastes the rest of the block, blocks run one step for a while after one (a backoff that doubles with each
-refusal and resets after a block without one), so a model that rarely follows the grammar by itself costs
+free for the next step. A constrained request (constraints.py) samples a block under its grammar's mask at
+the block's start; its later tokens are kept while each is the draw its own state's mask gives, and from the
+first that is not, the row goes back: the next block feeds the last kept token again, at its position. Since
+a refusal wastes the rest of the block, blocks run one step for a while after one (a backoff that doubles with
+each refusal and resets after a block without one), so a model that rarely follows the grammar by itself costs
 one-step blocks, and one that does keeps decode_steps.
 A request's tokens do not depend on the other rows: every step computes a row from that row alone, and
 sampling draws are keyed by (seed, position) (tests/test_scheduler.py).
@@ -233,9 +233,10 @@ class Scheduler:
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
         constrained = [r if r is not None and r.constraint else None for r in requests]
         steps = 1 if any(r and r.single_steps for r in constrained) else self.engine.decode_steps
+        masks = [r and r.constraint.mask() for r in constrained]  # what each row's block samples under
         out = _to_host(self.call(
             "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
-            allowed=[r and r.constraint.mask() for r in constrained] if any(constrained) else None,
+            allowed=masks if any(constrained) else None,
             feed=[r.feed if r else -1 for r in constrained] if any(r and r.feed >= 0 for r in constrained) else None,
             steps=steps), logprobs)
         for b, request in enumerate(requests):
@@ -245,7 +246,7 @@ class Scheduler:
             for step in range(steps):
                 if request.finished:
                     break
-                if not self._take(request, out, step, b):  # refused by its constraint: redo this step, masked
+                if not self._take(request, out, step, b, masks[b]):  # not its constraint's draw: redo the step
                     request.feed = int(out.token[step - 1, b])
                     request.position += step
                     request.single_steps, request.backoff = request.backoff, min(2 * request.backoff,
@@ -258,14 +259,15 @@ class Scheduler:
                 else:
                     request.backoff = SINGLE_STEP_BACKOFF[0]
 
-    def _take(self, request: Request, out: StepTokens, step: int, col: int) -> bool:
-        """Deliver the request's token of `step`, unless its constraint refuses it (False): a step sampled
-        under the constraint's mask is never refused (step 0 of a block, or a prefill)."""
+    def _take(self, request: Request, out: StepTokens, step: int, col: int, mask: Any = None) -> bool:
+        """Deliver the request's token of `step`, unless its constraint refuses it (False) as not the draw its
+        state's mask gives (the step sampled under `mask`, the block's). The first step of a block, or a
+        prefill, sampled under its state's own mask: never refused."""
         token = int(out.token[step, col])
         if token < 0:
             self._end(request, SamplingError("the model produced NaN logits; the weights or inputs are broken"))
             return True
-        if request.constraint is not None and not request.constraint.accept(token):
+        if request.constraint is not None and not request.constraint.accept(token, mask if step > 0 else None):
             if step > 0:
                 return False
             self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask "

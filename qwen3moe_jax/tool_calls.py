@@ -29,11 +29,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from qwen3moe_jax.constraints import JSON_STYLE
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-# JSON in the grammars is written as Python's json.dumps and Qwen3's chat template write it ({"a": 1, "b": 2}),
-# with no free whitespace (which llguidance's default allows, and a weak model pads forever).
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _partial_tag_length(text: str, tag: str) -> int:

@@ -19,7 +19,7 @@ import statistics
 import qwen3moe_jax as qj
 
 SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4}},
     "required": ["name", "age", "tags"]}
 CASES = {"unconstrained": {}, "json_schema": {"json_schema": SCHEMA}, "regex": {"regex": r"[a-z_]+(\.[a-z_]+)*\(\)"}}

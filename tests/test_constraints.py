@@ -116,7 +116,7 @@ def test_a_new_schema_compiles_nothing(model):
     with CompileLog() as log:
         for i in range(3):
             schema = {"type": "object", "properties": {f"field{i}": {"type": "integer", "minimum": 0, "maximum": 9}},
-                      "required": [f"field{i}"]}
+                      "required": [f"field{i}"], "additionalProperties": False}
             done = model.complete(PROMPT, sampling=qj.SamplingParams(json_schema=schema, max_new_tokens=20))
             assert list(json.loads(done.text)) == [f"field{i}"]
     assert log.compiles() == 0
