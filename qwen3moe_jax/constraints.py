@@ -6,6 +6,9 @@ accepted and gives, before each step, the set of tokens that keep the output mat
 jit step as a packed bitmask (32 token ids per int32 word, `mask_words` per row), an input like any other, so a
 new schema never compiles anything; an unconstrained row's words are all ones (ALL_ALLOWED).
 
+Where the grammar allows only one way on (a JSON key and its quotes, say), llguidance gives those tokens
+("fast-forward" tokens): a block takes them as they are instead of sampling, and samples from the step after.
+
 How the mask combines with sampling (sampling.sample): the draw is the Gumbel-max draw of the unconstrained
 sampler restricted to the allowed tokens (greedy: the most likely allowed token). So a draw under a larger set
 of tokens that lands in the allowed set is exactly the draw under the allowed set. The scheduler relies on
@@ -100,6 +103,21 @@ class Constraint:
         self.matcher = matcher
         self.words = mask_words(vocab_size)
         self._mask: np.ndarray | None = None  # the mask of the current state, once computed
+        self._forced = 0  # forced tokens the matcher has taken that the request has not delivered yet
+
+    def plan(self, steps: int) -> tuple[list[int], np.ndarray]:
+        """For a block of `steps` steps: the tokens the grammar forces next (at most `steps`, taken by the matcher
+        now; `forced_taken` delivers each), and the mask of the state after them, which the rest samples under."""
+        forced = self.matcher.compute_ff_tokens()[:steps]
+        for token in forced:
+            if not self.matcher.consume_token(token):
+                raise SamplingError(f"the grammar refused a token it forced: {self.error()}")
+        if forced:
+            self._mask, self._forced = None, len(forced)
+        return forced, self.mask()
+
+    def forced_taken(self) -> None:
+        self._forced -= 1
 
     def mask(self) -> np.ndarray:
         """The allowed next tokens as int32 words [mask_words] (bit t % 32 of word t // 32)."""
@@ -126,5 +144,5 @@ class Constraint:
 
     @property
     def complete(self) -> bool:
-        """The structure is complete: nothing but the end may follow."""
-        return self.matcher.is_stopped()
+        """The structure is complete with the tokens delivered: nothing but the end may follow."""
+        return self._forced == 0 and self.matcher.is_stopped()

@@ -78,10 +78,12 @@ class StepTokens(NamedTuple):
 
 
 def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array,
-                 logprobs: jax.Array, allowed: jax.Array) -> StepTokens:
+                 logprobs: jax.Array, allowed: jax.Array, forced: jax.Array | None = None) -> StepTokens:
     # NaN logits cannot raise inside jit: mark the row with -1 and let the host raise.
     allowed = unpack_mask(allowed, logits.shape[-1])
     token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length, allowed))
+    if forced is not None:  # a token the row's grammar forces: taken as is (its logprobs are still the model's)
+        token = jnp.where(forced >= 0, forced, token)
     n = min(LOGPROBS_MAX, logits.shape[-1])
 
     def with_logprobs(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,29 +135,32 @@ def prefill_chunk(
 @partial(jax.jit, static_argnames=("config", "window", "steps"), donate_argnames="slots")
 def decode_block(
     params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
-    logprobs: jax.Array, allowed: jax.Array, feed: jax.Array, config: ModelConfig, window: int, steps: int,
+    logprobs: jax.Array, allowed: jax.Array, feed: jax.Array, forced: jax.Array, config: ModelConfig, window: int,
+    steps: int,
 ) -> tuple[StepTokens, Slots]:
     """`steps` decode steps of every row: row b feeds its next_token at positions[b], positions[b] + 1, ...
     (all below `window` for the steps whose results are used). Rows not `active` are parked at the cache
     length S: their cache, history and next_token stay as they were. Every step samples among the tokens
     `allowed` [B, W] (a bitmask: a constrained row's mask at the block's start, which the host checks the later
-    steps against), and a row whose feed[b] >= 0 feeds that token first instead of its next_token (a
-    constrained row whose last block was cut short goes back to it). Returns StepTokens [steps, B]."""
+    steps against), except where forced [B, steps] holds a token (>= 0), which is taken instead of a draw (the
+    tokens a row's grammar forces). A row whose feed[b] >= 0 feeds that token first instead of its next_token
+    (a constrained row whose last block was cut short goes back to it). Returns StepTokens [steps, B]."""
     S = slots.history.shape[1]
     rows = jnp.arange(positions.shape[0])
     slots = slots.replace(next_token=jnp.where(active & (feed >= 0), feed, slots.next_token))
 
-    def step(slots: Slots, i: jax.Array) -> tuple[Slots, StepTokens]:
+    def step(slots: Slots, xs: tuple[jax.Array, jax.Array]) -> tuple[Slots, StepTokens]:
+        i, forced_i = xs
         pos = jnp.where(active, positions + i, S)
         history = slots.history.at[rows, pos].set(slots.next_token, mode="drop")
         hidden, cache, _ = forward(params, slots.next_token[:, None], pos, slots.cache, config, window)
         logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
-        out = _sample_step(logits, sampler, history, pos + 1, logprobs, allowed)
+        out = _sample_step(logits, sampler, history, pos + 1, logprobs, allowed, forced_i)
         next_token = jnp.where(active, jnp.maximum(out.token, 0), slots.next_token)
         return Slots(cache, history, next_token), out
 
     # Unrolled: XLA:CPU ran the rolled loop's body at half the speed of the same step outside a loop (measured).
-    slots, out = jax.lax.scan(step, slots, jnp.arange(steps), unroll=True)
+    slots, out = jax.lax.scan(step, slots, (jnp.arange(steps), forced.T), unroll=True)
     return out, slots
 
 
@@ -194,7 +199,7 @@ class Engine:
         self.decode_steps = decode_steps
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
-        self._free_inputs: dict[int, tuple[jax.Array, jax.Array]] = {}
+        self._constants: dict[tuple, jax.Array] = {}
 
     @property
     def dtype(self) -> Any:
@@ -269,7 +274,7 @@ class Engine:
         host = (padded, starts, lengths, np.bool_(logprobs)) + (() if row is None else (np.int32(row),))
         args = replicate(host, self.mesh)
         if allowed is None:
-            mask = self._unconstrained(len(rows))[0]
+            mask = self._constant("mask", len(rows))
         else:
             mask = replicate(self.token_mask([allowed] if row is not None else allowed), self.mesh)
         with use_mesh(self.mesh):
@@ -284,30 +289,41 @@ class Engine:
 
     def decode(self, positions: Sequence[int], active: Sequence[bool], logprobs: bool = False,
                window: int | None = None, allowed: Sequence[Sequence[int] | None] | None = None,
-               feed: Sequence[int] | None = None, steps: int | None = None) -> StepTokens:
+               feed: Sequence[int] | None = None, forced: Sequence[Sequence[int]] | None = None,
+               steps: int | None = None) -> StepTokens:
         """`steps` (None: decode_steps) steps of every row from `positions` (ignored where not `active`); the
         attention window is the one the highest active row needs, unless given. allowed: per row, the
         constraint words its steps sample under (None: anything); feed: per row, a token to feed first instead of
-        the row's next_token (-1: none)."""
+        the row's next_token (-1: none); forced: per row, the tokens its first steps take instead of a draw."""
+        steps = steps or self.decode_steps
         positions = np.asarray(positions, np.int32)
         active = np.asarray(active, bool)
         if window is None:
             window = self.decode_window(int(positions[active].max()) if active.any() else 0)
-        free_mask, no_feed = self._unconstrained(self.batch_size)
+        if forced is not None:
+            tokens = np.full((self.batch_size, steps), -1, np.int32)
+            for b, row in enumerate(forced):
+                tokens[b, : len(row)] = row[:steps]
+        B = self.batch_size
         args = replicate((positions, active, np.bool_(logprobs)), self.mesh) + (
-            free_mask if allowed is None else replicate(self.token_mask(allowed), self.mesh),
-            no_feed if feed is None else replicate(np.asarray(feed, np.int32), self.mesh))
+            self._constant("mask", B) if allowed is None else replicate(self.token_mask(allowed), self.mesh),
+            self._constant("feed", B) if feed is None else replicate(np.asarray(feed, np.int32), self.mesh),
+            self._constant("forced", B, steps) if forced is None else replicate(tokens, self.mesh))
         with use_mesh(self.mesh):
             out, self._slots = decode_block(self.params, self._take_state(), self.sampler(), *args, self.config,
-                                            window, steps or self.decode_steps)
+                                            window, steps)
         return out
 
-    def _unconstrained(self, rows: int) -> tuple[jax.Array, jax.Array]:
-        """(mask, feed) of `rows` rows with no constraint, kept on the device: most steps have none."""
-        if rows not in self._free_inputs:
-            self._free_inputs[rows] = replicate((unconstrained_mask(rows, self.config.vocab_size),
-                                                 np.full(rows, -1, np.int32)), self.mesh)
-        return self._free_inputs[rows]
+    def _constant(self, name: str, rows: int, steps: int = 1) -> jax.Array:
+        """An input that asks for nothing, kept on the device (most steps have no constraint): "mask" (every
+        token allowed) [rows, W], "feed" (no token) [rows], "forced" (no token) [rows, steps]."""
+        key = (name, rows, steps)
+        if key not in self._constants:
+            value = {"mask": lambda: unconstrained_mask(rows, self.config.vocab_size),
+                     "feed": lambda: np.full(rows, -1, np.int32),
+                     "forced": lambda: np.full((rows, steps), -1, np.int32)}[name]()
+            self._constants[key] = replicate(value, self.mesh)
+        return self._constants[key]
 
     def check_request(self, prompt_len: int, max_new_tokens: int | None, logprobs: int | None = None) -> None:
         """KV-3: refuse up front a request the cache cannot hold (max_new_tokens None: fill the cache)."""

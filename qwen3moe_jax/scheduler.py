@@ -233,12 +233,14 @@ class Scheduler:
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
         constrained = [r if r is not None and r.constraint else None for r in requests]
         steps = 1 if any(r and r.single_steps for r in constrained) else self.engine.decode_steps
-        masks = [r and r.constraint.mask() for r in constrained]  # what each row's block samples under
+        plans = [r.constraint.plan(steps) if r else ([], None) for r in constrained]
+        forced = [p[0] for p in plans]  # the tokens each row's grammar forces first
+        masks = [p[1] for p in plans]  # what each row's block samples under after them
         out = _to_host(self.call(
             "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
             allowed=masks if any(constrained) else None,
             feed=[r.feed if r else -1 for r in constrained] if any(r and r.feed >= 0 for r in constrained) else None,
-            steps=steps), logprobs)
+            forced=forced if any(forced) else None, steps=steps), logprobs)
         for b, request in enumerate(requests):
             if request is None:
                 continue
@@ -246,7 +248,7 @@ class Scheduler:
             for step in range(steps):
                 if request.finished:
                     break
-                if not self._take(request, out, step, b, masks[b]):  # not its constraint's draw: redo the step
+                if not self._take(request, out, step, b, masks[b], len(forced[b])):  # not its draw: redo it
                     request.feed = int(out.token[step - 1, b])
                     request.position += step
                     request.single_steps, request.backoff = request.backoff, min(2 * request.backoff,
@@ -259,16 +261,20 @@ class Scheduler:
                 else:
                     request.backoff = SINGLE_STEP_BACKOFF[0]
 
-    def _take(self, request: Request, out: StepTokens, step: int, col: int, mask: Any = None) -> bool:
+    def _take(self, request: Request, out: StepTokens, step: int, col: int, mask: Any = None,
+              forced: int = 0) -> bool:
         """Deliver the request's token of `step`, unless its constraint refuses it (False) as not the draw its
-        state's mask gives (the step sampled under `mask`, the block's). The first step of a block, or a
-        prefill, sampled under its state's own mask: never refused."""
+        state's mask gives (the block forced its first `forced` steps, then sampled under `mask`). A token forced,
+        or sampled under its state's own mask (the first step after the forced ones, or a prefill), is never
+        refused."""
         token = int(out.token[step, col])
         if token < 0:
             self._end(request, SamplingError("the model produced NaN logits; the weights or inputs are broken"))
             return True
-        if request.constraint is not None and not request.constraint.accept(token, mask if step > 0 else None):
-            if step > 0:
+        if step < forced:
+            request.constraint.forced_taken()
+        elif request.constraint is not None and not request.constraint.accept(token, mask if step > forced else None):
+            if step > forced:
                 return False
             self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask "
                                              f"({request.constraint.error() or 'no tokens allowed'})"))
