@@ -17,16 +17,20 @@ and returned), lm_head, argmax.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_llamacpp_decode import SHAPE
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.model import _combine, attention, lm_logits, moe, rms_norm, route
+
+sys.path.insert(0, str(Path(__file__).parent))  # the shape is bench_llamacpp_decode.py's, however this is run
+from bench_llamacpp_decode import SHAPE  # noqa: E402
 
 
 def per_expert(layer, concat_gate_up: bool) -> dict:
