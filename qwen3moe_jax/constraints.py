@@ -12,9 +12,9 @@ Where the grammar allows only one way on (a JSON key and its quotes, say), llgui
 How the mask combines with sampling (sampling.sample): the draw is the Gumbel-max draw of the unconstrained
 sampler restricted to the allowed tokens (greedy: the most likely allowed token). So a draw under a larger set
 of tokens that lands in the allowed set is exactly the draw under the allowed set. The scheduler relies on
-this to keep several decode steps per device call: all steps of a block sample under the mask of the block's
-first step, and on the host each later token is kept while it is allowed in its own state and that state's
-allowed tokens all were in the first step's mask (inside a JSON string, say); from the first that fails, the
+this to keep several decode steps per device call: the sampled steps of a block all use the mask of its first
+sampled step's state, and on the host each later token is kept while it is allowed in its own state and that
+state's allowed tokens all were in the block's mask (inside a JSON string, say); from the first that fails, the
 row goes back and redoes that step in the next block. The tokens are the same as with each state's own mask
 at every step (tests/test_constraints.py).
 """
