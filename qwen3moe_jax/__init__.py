@@ -6,6 +6,7 @@ from qwen3moe_jax.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.errors import (
     CheckpointError,
     ConfigError,
+    ConstraintError,
     ContextLengthError,
     Qwen3MoeError,
     SamplingError,
@@ -16,6 +17,7 @@ from qwen3moe_jax.sharding import make_mesh
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConstraintError",
     "ContextLengthError",
     "KVCache",
     "Model",

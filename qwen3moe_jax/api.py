@@ -171,7 +171,7 @@ class Model:
 
     def constraint(self, sampling: SamplingParams) -> Constraint | None:
         """A fresh matcher for sampling's json_schema / regex / grammar (None without one); an invalid one
-        raises SamplingError with llguidance's reason."""
+        raises ConstraintError with llguidance's reason."""
         grammar = grammar_of(sampling.json_schema, sampling.regex, sampling.grammar)
         if grammar is None:
             return None

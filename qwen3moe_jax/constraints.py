@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3moe_jax.errors import SamplingError
+from qwen3moe_jax.errors import ConstraintError, SamplingError
 
 ALL_ALLOWED = -1  # an int32 word with every bit set: all 32 of its tokens allowed
 # JSON is written as Python's json.dumps and Qwen3's chat template write it ({"a": 1, "b": [2, 3]}), with no
@@ -52,7 +52,7 @@ def grammar_of(json_schema: str | None, regex: str | None, grammar: str | None) 
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=JSON_STYLE)
         except ValueError as err:
-            raise SamplingError(f"json_schema is not a JSON object: {err}") from err
+            raise ConstraintError(f"json_schema is not a JSON object: {err}") from err
     if regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(regex)
     if grammar is not None:
@@ -66,13 +66,13 @@ def canonical_schema(schema: Any) -> str:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as err:
-            raise SamplingError(f"json_schema is not valid JSON: {err}") from err
+            raise ConstraintError(f"json_schema is not valid JSON: {err}") from err
     if not isinstance(schema, dict | bool):
-        raise SamplingError(f"json_schema must be a JSON schema (an object), got {type(schema).__name__}")
+        raise ConstraintError(f"json_schema must be a JSON schema (an object), got {type(schema).__name__}")
     try:
         return json.dumps(schema, allow_nan=False)  # key order kept: it is the order properties are written in
     except (TypeError, ValueError) as err:
-        raise SamplingError(f"json_schema is not JSON-serialisable: {err}") from err
+        raise ConstraintError(f"json_schema is not JSON-serialisable: {err}") from err
 
 
 class Grammars:
@@ -87,12 +87,12 @@ class Grammars:
                                                 eos_token=list(eos_token_ids) or None)
 
     def constraint(self, grammar: str) -> Constraint:
-        """A fresh matcher for `grammar` (grammar_of's text); SamplingError with llguidance's reason if invalid."""
+        """A fresh matcher for `grammar` (grammar_of's text); ConstraintError with llguidance's reason if invalid."""
         import llguidance
 
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise SamplingError(f"invalid constraint: {matcher.get_error()}")
+            raise ConstraintError(f"invalid constraint: {matcher.get_error()}")
         return Constraint(matcher, self.vocab_size)
 
 

@@ -26,5 +26,9 @@ class SamplingError(Qwen3MoeError, ValueError):
     """Sampling parameters or logits are out of range."""
 
 
+class ConstraintError(SamplingError):
+    """A request's json_schema, regex or grammar is malformed, or llguidance refuses it."""
+
+
 class ChatTemplateError(Qwen3MoeError, ValueError):
     """Chat messages are malformed, or the chat template rejected them or could not be rendered."""

@@ -84,10 +84,6 @@ class SamplingParams:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SamplingError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
 
-    @property
-    def constrained(self) -> bool:
-        return self.json_schema is not None or self.regex is not None or self.grammar is not None
-
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool)

@@ -69,7 +69,7 @@ from starlette.exceptions import HTTPException
 from qwen3moe_jax import scheduler as sched
 from qwen3moe_jax import tool_calls
 from qwen3moe_jax.api import Model
-from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError
+from qwen3moe_jax.errors import ConstraintError, ContextLengthError, Qwen3MoeError
 from qwen3moe_jax.generation import Event
 from qwen3moe_jax.sampling import SamplingParams
 from qwen3moe_jax.scheduler import Emit, QueueFull, Scheduler
@@ -622,8 +622,8 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
     reply = ReplyFormat(reasoning=thinking, opened=thinking and tool_calls.prompt_opens_thinking(text),
                         tools=tuple(t["function"]["name"] for t in tools) if tools else None)
     prompt = encode(text)
-    params = _constrained(model, body, params, forced, reply, len(prompt))
-    return dataclasses.replace(_checked(model, prompt, params, "messages"), reply=reply)
+    params, asked_by = _constrained(model, body, params, forced, reply, len(prompt))
+    return dataclasses.replace(_checked(model, prompt, params, "messages", asked_by), reply=reply)
 
 
 def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
@@ -650,17 +650,18 @@ def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list
 
 
 def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced: list[dict[str, Any]] | None,
-                 reply: ReplyFormat, prompt_length: int) -> SamplingParams:
-    """`params` with the grammar that tool_choice ("required" or a named function: `forced`) or
-    response_format asks for. With thinking on, a thinking block of at most half the reply's tokens may come
-    first (or must be closed first, when the prompt opened it), and the structure follows."""
+                 reply: ReplyFormat, prompt_length: int) -> tuple[SamplingParams, str | None]:
+    """(`params` with the grammar that tool_choice ("required" or a named function: `forced`) or
+    response_format asks for, the parameter that asked: "tools", "response_format" or None). With thinking on,
+    a thinking block of at most half the reply's tokens may come first (or must be closed first, when the
+    prompt opened it), and the structure follows."""
     fmt = body.response_format
     wants_json = fmt is not None and fmt.type != "text"
     if fmt is not None and fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
         raise ApiError(400, 'response_format of type "json_schema" needs json_schema: {"name": ..., "schema": '
                             '{...}}', "response_format", "invalid_value")
     if forced is None and not wants_json:
-        return params
+        return params, None
     if forced is not None and wants_json:
         raise ApiError(400, "response_format cannot constrain a reply that tool_choice makes a tool call",
                        "response_format", "invalid_value")
@@ -679,9 +680,7 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced
         constraint = ({"json_schema": schema} if thinking is None else
                       {"grammar": tool_calls.json_grammar(schema, thinking, has_token)})
     try:
-        params = dataclasses.replace(params, **constraint)
-        model.constraint(params)  # refused here, the error names the parameter (the engine builds its own)
-        return params
+        return dataclasses.replace(params, **constraint), param
     except Qwen3MoeError as err:
         raise ApiError(400, f"{param}: {err}", param, "invalid_value") from err
 
@@ -697,13 +696,18 @@ def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) ->
     return _checked(model, encode(body.prompt), params, "prompt")
 
 
-def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str) -> Prepared:
+def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str,
+             constraint_param: str | None = None) -> Prepared:
     """The request once Model.request accepts it: token ids in the vocabulary, prompt + max_tokens within the
-    KV cache, stop strings only with a tokenizer, logprobs within what the engine computes."""
+    KV cache, stop strings only with a tokenizer, logprobs within what the engine computes, a constraint
+    llguidance accepts (its error names `constraint_param`, the parameter that asked for it)."""
     try:
         return Prepared(prompt, sampling, model.request(prompt, sampling))
     except ContextLengthError as err:
         raise ApiError(400, str(err), param, "context_length_exceeded") from err
+    except ConstraintError as err:
+        where = constraint_param or param
+        raise ApiError(400, f"{where}: {err}", where, "invalid_value") from err
     except Qwen3MoeError as err:
         raise ApiError(400, str(err), param, "invalid_value") from err
 

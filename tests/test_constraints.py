@@ -144,7 +144,7 @@ def test_bad_constraints_are_refused_on_construction(kwargs, message):
 @pytest.mark.parametrize("kwargs", [dict(json_schema={"type": "bogus"}), dict(regex="(("),
                                     dict(grammar="start: undefined_rule")])
 def test_invalid_grammars_are_refused_before_generation(model, kwargs):
-    with pytest.raises(SamplingError, match="invalid constraint"):
+    with pytest.raises(qj.ConstraintError, match="invalid constraint"):
         model.request(PROMPT, qj.SamplingParams(**kwargs))
 
 
