@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from qwen3moe_jax import cpu_kernels
 from qwen3moe_jax.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import ConfigError
@@ -186,12 +189,32 @@ def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
     is dequantized as the matmul's operand (int4_operand).
     """
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    if not isinstance(w, QuantizedWeight) and not mesh_sizes() and (form := cpu_kernels.matmul_form(spec, x, w)):
+        M, K, N = form  # a decode step's product on the CPU: the C++ kernel streams w faster than XLA's dot
+        out_shape = jax.eval_shape(partial(jnp.einsum, spec), x, w).shape
+        return cpu_matmul(x.reshape(M, K), w.reshape(K, N)).reshape(out_shape)
     if isinstance(w, QuantizedWeight) and w.bits == 4:
         w = int4_operand(w, x.dtype)
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w, precision=precision)
     y = jnp.einsum(spec, x, w.values.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32)
     return (y * _scale_for_output(spec, w.scale)).astype(x.dtype)
+
+
+def with_gradient_of(reference: Callable) -> Callable:
+    """Decorator: the function's values with reference's derivatives. The C++ CPU kernels (cpu_kernels.py) have no
+    derivatives of their own; reference computes the same thing with XLA's ops, so training can differentiate."""
+    def wrap(kernel: Callable) -> Callable:
+        differentiable = jax.custom_vjp(kernel)
+        differentiable.defvjp(lambda *args: (kernel(*args), args),
+                              lambda args, grad: jax.vjp(reference, *args)[1](grad))
+        return differentiable
+    return wrap
+
+
+@with_gradient_of(lambda x, w: jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST))
+def cpu_matmul(x: Array, w: Array) -> Array:
+    return cpu_kernels.matmul(x, w)
 
 
 def int4_operand(w: QuantizedWeight, dtype: Any) -> Array:
@@ -353,9 +376,13 @@ def moe_local(p: MoEParams, x: Array, config: ModelConfig, first_expert: Array |
     pair_expert = experts.reshape(-1) - first_expert  # [N*k], local expert ids
     # Pairs for experts held elsewhere get id `held`: they sort last, outside every group, and come out zero.
     pair_expert = jnp.where((pair_expert >= 0) & (pair_expert < held), pair_expert, held)
-    kernel = choose_moe_kernel(config.moe_kernel, pair_expert.shape[0], held)
-    if kernel == "gather":
-        out_rows = experts_swiglu_gather(p, jnp.repeat(flat, k, axis=0), pair_expert)
+    kernel = choose_moe_kernel(config.moe_kernel, pair_expert.shape[0], held, p.gate)
+    if kernel in ("gather", "cpu"):
+        pair_rows = jnp.repeat(flat, k, axis=0)
+        if kernel == "cpu":
+            out_rows = experts_swiglu_cpu(p, pair_rows, pair_expert)
+        else:
+            out_rows = experts_swiglu_gather(p, pair_rows, pair_expert)
         return _combine(out_rows, weights, x.dtype).reshape(B, T, E), router_logits.reshape(B, T, -1)
     order = jnp.argsort(pair_expert, stable=True)
     pair_token = order // k
@@ -384,8 +411,10 @@ def _combine(pair_rows: Array, weights: Array, dtype: Any) -> Array:
 #   it to a dense batched dot over ALL experts (tokens x experts x FFN), XLA:CPU to a loop over all experts.
 # - "pallas": a Pallas grouped matmul over the blocked form's blocks that reads each block's expert weights in
 #   place, no gathered copy (pallas_moe.py): Triton on GPU, Pallas' interpreter elsewhere (slow: for tests).
-# "auto" picks per compiled shape from the backend and the number of pairs; see choose_moe_kernel.
-MOE_KERNELS = ("auto", "gather", "blocked", "ragged", "pallas")
+# - "cpu": each pair's SwiGLU by a C++ kernel called through XLA's FFI that reads the chosen experts' float32
+#   weights in place (cpu_kernels.py, compiled on first use): the CPU backend's decode kernel.
+# "auto" picks per compiled shape from the backend, the number of pairs and the weights; see choose_moe_kernel.
+MOE_KERNELS = ("auto", "gather", "blocked", "ragged", "pallas", "cpu")
 
 
 def check_moe_kernel(name: str, dtype: Any = None) -> str:
@@ -395,19 +424,31 @@ def check_moe_kernel(name: str, dtype: Any = None) -> str:
     if name == "pallas" and dtype is not None and np.dtype(dtype) == INT4:
         raise ConfigError("moe_kernel 'pallas' reads float and int8 expert weights, not int4: use 'auto', "
                           "'gather' or 'blocked' with dtype int4")
+    if name == "cpu" and dtype is not None:
+        if np.dtype(dtype) != np.float32 or jax.default_backend() != "cpu":
+            raise ConfigError("moe_kernel 'cpu' multiplies float32 expert weights on the CPU backend: use 'auto' "
+                              f"or 'gather' (here dtype {np.dtype(dtype).name}, backend {jax.default_backend()})")
+        if not cpu_kernels.available():
+            raise ConfigError(f"moe_kernel 'cpu' cannot run here: {cpu_kernels.why_unavailable()}")
     return name
 
 
-def choose_moe_kernel(name: str, pairs: int, experts: int) -> str:
+def choose_moe_kernel(name: str, pairs: int, experts: int, weights: Any = None) -> str:
     """The kernel `name` stands for at `pairs` (token, expert) pairs over `experts` experts (static shapes: chosen
-    once per compiled shape). "auto" is ragged_dot where it is native (TPU); elsewhere the gather while the pairs
-    are no more than the experts (decode: it reads as many expert matrices as blocked does with b = 1, without
-    the sort and scatter), then the blocked form (prefill: whole blocks per expert, never tokens x experts)."""
+    once per compiled shape) whose weights are like `weights` (one expert matrix stack, when known). "auto" is
+    ragged_dot where it is native (TPU); elsewhere, while the pairs are no more than the experts (decode), the
+    per-pair kernels: "cpu" for float32 weights on the CPU backend where it could be compiled, else the gather
+    (it reads as many expert matrices as blocked does with b = 1, without the sort and scatter); then the blocked
+    form (prefill: whole blocks per expert, never tokens x experts)."""
     if check_moe_kernel(name) != "auto":
         return name
-    if jax.default_backend() == "tpu":
+    backend = jax.default_backend()
+    if backend == "tpu":
         return "ragged"
-    return "gather" if pairs <= experts else "blocked"
+    if pairs > experts:
+        return "blocked"
+    float32 = isinstance(weights, jax.Array | jax.ShapeDtypeStruct) and weights.dtype == jnp.float32
+    return "cpu" if backend == "cpu" and float32 and cpu_kernels.available() else "gather"
 
 
 def experts_swiglu(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array, kernel: str = "auto") -> Array:
@@ -432,6 +473,12 @@ def experts_swiglu_gather(p: MoEParams, rows: Array, row_expert: Array) -> Array
     h = jax.nn.silu(einsum("me,mef->mf", rows, p.gate[expert])) * einsum("me,mef->mf", rows, p.up[expert])
     out = einsum("mf,mfe->me", h, p.down[expert])
     return jnp.where((row_expert < held)[:, None], out, 0)
+
+
+@with_gradient_of(experts_swiglu_gather)
+def experts_swiglu_cpu(p: MoEParams, rows: Array, row_expert: Array) -> Array:
+    """The gather kernel's SwiGLU by the C++ "cpu" kernel, which reads the chosen experts' weights in place."""
+    return cpu_kernels.experts_swiglu(p.gate, p.up, p.down, rows, row_expert)
 
 
 def experts_swiglu_ragged(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array) -> Array:

@@ -137,6 +137,8 @@ def profile_step(step, args: tuple, c: qj.ModelConfig, kernel: str, calls: int =
 
     def what(name: str) -> str:
         shape = shape_of.get(name, "")
+        if name.startswith("custom-call"):
+            return "the cpu kernel's expert SwiGLU (reads the weights in place)"
         if "gather" in name and shape in expert_blocks:
             return "copies of the chosen experts' weights (gather)"
         if name.startswith("dot") or "ynn" in name:

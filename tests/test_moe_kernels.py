@@ -4,7 +4,11 @@ temporary memory that does not grow with tokens x experts (XLA's memory analysis
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import textwrap
 import time
 from functools import partial
 
@@ -27,7 +31,7 @@ def block_config(experts: int, kernel: str) -> qj.ModelConfig:
 
 @pytest.mark.parametrize("backend, pairs, expected", [
     ("gpu", 8, "gather"), ("gpu", 32 * 8, "blocked"), ("gpu", 8192, "blocked"),
-    ("cpu", 8, "gather"), ("cpu", 8192, "blocked"),
+    ("cpu", 8, "gather"), ("cpu", 8192, "blocked"),  # weights unknown: see the next test for float32 ones
     ("tpu", 8, "ragged"), ("tpu", 8192, "ragged"),
 ])
 def test_auto_is_never_ragged_dot_off_tpu(monkeypatch, backend, pairs, expected):
@@ -36,6 +40,35 @@ def test_auto_is_never_ragged_dot_off_tpu(monkeypatch, backend, pairs, expected)
     assert choose_moe_kernel("pallas", pairs, 128) == "pallas"  # a named kernel is taken as named
     with pytest.raises(qj.ConfigError, match="moe_kernel must be one of"):
         choose_moe_kernel("dense", pairs, 128)
+
+
+def test_auto_takes_the_cpu_kernel_for_float32_decode_on_the_cpu():
+    """The C++ kernel (cpu_moe.py) where it applies: a decode step's pairs, float32 weights, the CPU backend."""
+    f32, bf16 = (jax.ShapeDtypeStruct((128, 64, 32), dtype) for dtype in (jnp.float32, jnp.bfloat16))
+    assert choose_moe_kernel("auto", 8, 128, f32) == "cpu"
+    assert choose_moe_kernel("auto", 8, 128, bf16) == "gather"
+    assert choose_moe_kernel("auto", 8192, 128, f32) == "blocked"  # prefill: whole blocks per expert
+    with pytest.raises(ConfigError, match="float32 expert weights on the CPU backend"):
+        qj.random_model("tiny", dtype="bfloat16", moe_kernel="cpu")
+
+
+def test_without_a_compiler_auto_falls_back_to_the_gather_and_cpu_is_refused(tmp_path):
+    """Where the kernel cannot be compiled, "auto" keeps XLA's gather (with one warning saying why) and an explicit
+    moe_kernel="cpu" is a ConfigError naming the reason. A fresh process: the build is cached per process."""
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, qwen3moe_jax as qj
+        from qwen3moe_jax.model import choose_moe_kernel
+        assert choose_moe_kernel("auto", 8, 128, jax.ShapeDtypeStruct((128, 64, 32), jnp.float32)) == "gather"
+        try:
+            qj.random_model("tiny", moe_kernel="cpu")
+        except qj.ConfigError as e:
+            print("refused:", e)
+    """)
+    env = dict(os.environ, CXX="false", XDG_CACHE_HOME=str(tmp_path), PATH="/nonexistent")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "refused: moe_kernel 'cpu' cannot run here: no C++ compiler found" in done.stdout
+    assert "The CPU MoE kernel is not available, the gather kernel runs instead" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +85,7 @@ def expert_blocks_8_and_128() -> dict[int, MoEParams]:
     return {x: make(jax.random.normal(jax.random.key(x), (HIDDEN, x))) for x in (8, 128)}
 
 
-@pytest.mark.parametrize("kernel", ["gather", "blocked"])
+@pytest.mark.parametrize("kernel", ["gather", "blocked", "cpu"])
 def test_a_decode_step_reads_only_the_chosen_experts(kernel, expert_blocks_8_and_128):
     """One token, top 8 (8 rows of (token, expert) pairs): the block with 128 experts costs at most 3x the block
     with 8, the same widths (2048 x 768) and k. Reading every expert's weights, as ragged_dot's lowerings do, costs

@@ -1,0 +1,148 @@
+"""C++ kernels for the float32 matrix-vector products of a decode step on the CPU backend (cpu_kernels.cc), called
+through XLA's FFI: `matmul`, a few rows times a weight matrix (model.einsum takes it for decode-sized products), and
+`experts_swiglu`, the "cpu" MoE kernel (MOE_KERNELS in model.py; "auto" takes it for float32 decode steps).
+
+XLA:CPU copies gathered expert weights before multiplying them, and streams a small weight matrix through its
+products at about a third of memory speed; on 2 cores the expert copies alone were 36-43% of a decode step. These
+kernels read each weight once, in place, on the threads of XLA's intra-op pool.
+
+The source is compiled on first use with the machine's C++ compiler ($CXX, else c++) against the FFI headers jaxlib
+ships, with portable flags only (-O3, no -march), into a cache folder keyed by the source, jax's version and the
+compiler, so it is built once per machine. Where it cannot be built (no compiler), `available()` says why and the
+model keeps XLA's own ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from qwen3moe_jax.errors import ConfigError
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGETS = ("qwen3moe_cpu_matmul", "qwen3moe_cpu_experts_swiglu")
+# `matmul` takes products of at most this many rows (a decode step's: more rows are a GEMM, which XLA does well) by
+# weights of at most this many bytes. XLA's dot streams a large matrix well (lm_head, 16 MB: 22 GB/s on 2 cores)
+# but a small one poorly (attention's 0.25-1 MB: 11-15 GB/s, ~1.5x slower than this kernel).
+MATMUL_MAX_ROWS, MATMUL_MAX_WEIGHT_BYTES = 16, 4 << 20
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march, the library runs on any CPU of its kind
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "qwen3moe-jax" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built now unless the cache already holds this exact build."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), compiler.encode(),
+                                     " ".join(FLAGS).encode(), sys.platform.encode()])).hexdigest()[:16]
+    library = cache_dir() / f"cpu_kernels-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Compiling the CPU decode kernels ({SOURCE.name}), once for this machine...", file=sys.stderr,
+          flush=True)
+    # Built under a scratch name and renamed when complete: a concurrent or interrupted build is never loaded.
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        built = Path(scratch) / library.name
+        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
+                       check=True, capture_output=True, text=True)
+        os.replace(built, library)
+    return library
+
+
+@functools.cache
+def _registered() -> str | None:
+    """None once the kernels are registered with XLA for the CPU; else why they cannot be."""
+    compiler = _compiler()
+    if compiler is None:
+        return "no C++ compiler found (set CXX)"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    except subprocess.CalledProcessError as e:
+        errors = [line for line in e.stderr.splitlines() if "error" in line] or e.stderr.splitlines()[-5:]
+        return f"compiling {SOURCE.name} failed: " + "\n".join(errors[:10])
+    except OSError as e:
+        return f"loading the compiled kernel failed: {e}"
+    for target in TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return None
+
+
+def available() -> bool:
+    """Whether the kernels run here (compiling them on first call); when not, logs why once."""
+    reason = _registered()
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+def why_unavailable() -> str | None:
+    """Why the kernels cannot run here, or None when they can."""
+    return _registered()
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("The CPU decode kernels are not available, XLA's own ops run instead: %s", reason)
+
+
+def _call(target: str, out_shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+    reason = _registered()
+    if reason is not None:
+        raise ConfigError(f"the CPU decode kernels cannot run here: {reason}")
+    if any(a.dtype not in (jnp.float32, jnp.int32) for a in args):
+        raise ConfigError("the CPU decode kernels multiply float32 weights: use XLA's ops (moe_kernel 'gather') "
+                          "for other dtypes")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32))(*args)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, N] in float32, each weight read once for all M rows. CPU backend only."""
+    return _call("qwen3moe_cpu_matmul", (x.shape[0], w.shape[1]), x, w)
+
+
+def matmul_form(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, int] | None:
+    """(M, K, N) when einsum(spec, x, w) is x [M, K] @ w [K, N] up to reshapes (x's trailing axes contracted with
+    w's leading ones, in order) and `matmul` should run it here: float32 operands, at most MATMUL_MAX_ROWS rows and
+    MATMUL_MAX_WEIGHT_BYTES of weights, the CPU backend and the kernels available. None otherwise."""
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return None
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    if "..." in lhs:  # leading batch axes: name them with letters no spec here uses
+        batch = "ABCDEFGH"[: x.ndim - len(lhs) + 3]
+        lhs, out = lhs.replace("...", batch), out.replace("...", batch)
+    contracted = "".join(c for c in lhs if c in rhs and c not in out)
+    n = len(contracted)
+    if not n or not lhs.endswith(contracted) or not rhs.startswith(contracted) or out != lhs[:-n] + rhs[n:]:
+        return None
+    M, K, N = math.prod(x.shape[:-n]), math.prod(x.shape[-n:]), math.prod(w.shape[n:])
+    small = M <= MATMUL_MAX_ROWS and K * N * 4 <= MATMUL_MAX_WEIGHT_BYTES
+    return (M, K, N) if small and available() else None
+
+
+def experts_swiglu(gate: jax.Array, up: jax.Array, down: jax.Array, rows: jax.Array,
+                   row_expert: jax.Array) -> jax.Array:
+    """SwiGLU of each row [M, E] by its own expert's float32 weights (gate / up [X, E, F], down [X, F, E]),
+    row_expert [M] in any order; rows whose expert id is X or more come out zero. CPU backend only."""
+    return _call("qwen3moe_cpu_experts_swiglu", rows.shape, rows, row_expert.astype(jnp.int32), gate, up, down)
