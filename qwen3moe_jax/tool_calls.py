@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,9 +116,45 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
+@dataclasses.dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a call as OpenAI streams it: the call's first delta carries its id and name (`call`, with
+    arguments ""), the later ones fragments of its arguments text, which joined are the call's arguments."""
+
+    index: int
+    arguments: str = ""
+    call: ToolCall | None = None  # the head: set on the call's first delta only
+
+    def openai(self) -> dict[str, Any]:
+        if self.call is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {"index": self.index, **ToolCall(self.call.name, self.arguments, self.call.id).openai()}
+
+
+def joined(deltas: Sequence[ToolCallDelta]) -> list[ToolCall]:
+    """The whole calls that `deltas` stream (a whole reply's)."""
+    calls: dict[int, ToolCall] = {}
+    for delta in deltas:
+        call = delta.call or calls[delta.index]  # a head's arguments are ""
+        calls[delta.index] = dataclasses.replace(call, arguments=call.arguments + delta.arguments)
+    return [calls[i] for i in sorted(calls)]
+
+
+# The start of a call's body up to its arguments, as Qwen3 writes it (and the forcing grammar makes it write).
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _arguments_end(rest: str) -> int:
+    """Where the arguments end in `rest`, the body after the head: before the body's closing brace and the
+    whitespace around it (the block's end, or as far as it was written)."""
+    text = rest.rstrip()
+    return len(text[:-1].rstrip()) if text.endswith("}") else len(text)
+
+
 def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall | None:
     """The call a <tool_call> block's body holds: a JSON object {"name": ..., "arguments": {...}} whose name
-    is one of `names` (None: any); None if it holds anything else."""
+    is one of `names` (None: any); None if it holds anything else. The arguments are their text as written
+    when the body has Qwen3's form (as a streamed call sends them), else the object as json.dumps writes it."""
     try:
         value = json.loads(body)
     except ValueError:
@@ -127,36 +164,76 @@ def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall |
     arguments = value.get("arguments", {})
     if not isinstance(arguments, dict) or (names is not None and value["name"] not in names):
         return None
-    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+    text = json.dumps(arguments, ensure_ascii=False)
+    if head := _HEAD.match(body):
+        rest = body[head.end():]
+        written = rest[:_arguments_end(rest)]
+        try:
+            if json.loads(written) == arguments:  # not so with keys after the arguments
+                text = written
+        except ValueError:
+            pass
+    return ToolCall(value["name"], text)
 
 
 class ToolCallSplitter:
-    """Splits content into (text, tool calls). Each <tool_call>…</tool_call> block that holds a well-formed
-    call of one of `names` becomes a ToolCall; any other block stays text, as written, and so does a block
-    still open when the reply ends. Whitespace before a call is dropped (Qwen3 puts a newline there), so
-    a reply of calls alone has no text."""
+    """Splits content into (text, tool call deltas). Each <tool_call>…</tool_call> block that holds a
+    well-formed call of one of `names` becomes a ToolCall; any other block stays text, as written, and so does
+    a block still open when the reply ends. Whitespace before a call is dropped (Qwen3 puts a newline there),
+    so a reply of calls alone has no text.
 
-    def __init__(self, names: Sequence[str] | None = None) -> None:
+    When does a call go out? With `stream_arguments` (decoding is constrained to calls, so every block is one),
+    once its head `{"name": ..., "arguments": ` has come with one of the names: its first delta then, and its
+    arguments text as it comes. Otherwise once its block has closed and parsed: a block cannot be known to be a
+    call before that, and one that is not must reach the text whole, with no half call sent before. (vLLM's
+    parsers stream every block that starts like a call and cannot take back one that goes wrong.) A streamed
+    call whose reply ends first (max_tokens, a stop string) keeps the arguments written so far, as OpenAI's do."""
+
+    def __init__(self, names: Sequence[str] | None = None, stream_arguments: bool = False) -> None:
         self.names = names
+        self.stream_arguments = stream_arguments
         self.pending = ""
         self.inside = False
         self.gap = ""  # the whitespace before the open block: dropped if it is a call, kept if not
         self.calls = 0
+        self.sent: int | None = None  # for a streamed call in its block: the arguments text sent so far
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
         self.pending += text
-        out, calls = "", []
+        out, deltas = "", []
         while True:
+            if self.inside and self.sent is not None:  # a streamed call: the arguments so far
+                end = self.pending.find(CALL_CLOSE)
+                rest = self.pending if end < 0 else self.pending[:end]
+                # Held back: the body's closing brace, and a possible partial </tool_call>, with their whitespace.
+                cut = _arguments_end(rest if end >= 0 else rest[:len(rest) - _partial_tag_length(rest, CALL_CLOSE)])
+                if cut > self.sent:
+                    deltas.append(ToolCallDelta(self.calls, rest[self.sent:cut]))
+                    self.sent = cut
+                if end < 0:
+                    if final:
+                        self.pending, self.calls = "", self.calls + 1
+                    return out, deltas
+                self.pending, self.inside, self.sent = self.pending[end + len(CALL_CLOSE):], False, None
+                self.calls += 1
+                continue
             if self.inside:
                 end = self.pending.find(CALL_CLOSE)
                 if end < 0:
+                    head = _HEAD.match(self.pending) if self.stream_arguments else None
+                    # The head is complete when the arguments' first character has come after it.
+                    if head and head.end() < len(self.pending) and (self.names is None or head[1] in self.names):
+                        deltas.append(ToolCallDelta(self.calls, call=ToolCall(head[1], "")))
+                        self.pending, self.sent = self.pending[head.end():], 0
+                        continue
                     if final:
                         out, self.pending = out + self.gap + CALL_OPEN + self.pending, ""
-                    return out, calls
+                    return out, deltas
                 body, self.pending = self.pending[:end], self.pending[end + len(CALL_CLOSE):]
                 self.inside = False
                 if (call := parse_tool_call(body, self.names)) is not None:
-                    calls.append(call)
+                    deltas += [ToolCallDelta(self.calls, call=dataclasses.replace(call, arguments="")),
+                               ToolCallDelta(self.calls, call.arguments)]
                     self.calls += 1
                 else:
                     out += self.gap + CALL_OPEN + body + CALL_CLOSE
@@ -169,13 +246,13 @@ class ToolCallSplitter:
                 continue
             if final:
                 tail = self.pending.rstrip() if self.calls else self.pending
-                return out + tail, calls
+                return out + tail, deltas
             # Hold back a possible partial <tool_call>, and the whitespace before it.
             keep = _partial_tag_length(self.pending, CALL_OPEN)
             body = self.pending[:len(self.pending) - keep]
             cut = len(body.rstrip())
             out, self.pending = out + self.pending[:cut], self.pending[cut:]
-            return out, calls
+            return out, deltas
 
 
 # ------------------------------------------------------------------------------------------- grammars
@@ -237,14 +314,16 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: 
 
 
 class ReplyParser:
-    """A chat reply's text deltas as (reasoning, content, tool calls) deltas: the thinking block split off
-    when `reasoning`, then tool calls of `tools` taken out of the content (None: no tool-call parsing)."""
+    """A chat reply's text deltas as (reasoning, content, tool call) deltas: the thinking block split off
+    when `reasoning`, then tool calls of `tools` taken out of the content (None: no tool-call parsing), their
+    arguments streamed as they come when `stream_arguments` (see ToolCallSplitter)."""
 
-    def __init__(self, reasoning: bool, opened: bool, tools: Sequence[str] | None) -> None:
+    def __init__(self, reasoning: bool, opened: bool, tools: Sequence[str] | None,
+                 stream_arguments: bool = False) -> None:
         self.thinking = ReasoningSplitter(opened) if reasoning else None
-        self.calls = ToolCallSplitter(tools) if tools is not None else None
+        self.calls = ToolCallSplitter(tools, stream_arguments) if tools is not None else None
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, str, list[ToolCall]]:
+    def feed(self, text: str, final: bool = False) -> tuple[str, str, list[ToolCallDelta]]:
         reasoning, content = self.thinking.feed(text, final) if self.thinking else ("", text)
         content, calls = self.calls.feed(content, final) if self.calls else (content, [])
         return reasoning, content, calls

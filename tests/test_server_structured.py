@@ -147,16 +147,21 @@ def test_required_tool_choice_yields_valid_calls(client):
 
 def test_required_parallel_calls_are_each_valid(client):
     """With parallel calls allowed the bundled model rarely stops calling: the calls completed before
-    max_tokens are tool_calls, the one cut off stays content."""
+    max_tokens are valid; one cut off after its name is a call too (its arguments streamed as they came),
+    with the arguments written so far, as OpenAI's are; one cut off before stays content."""
     for seed in SEEDS:
         reply = client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required",
                                                max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
         choice = reply.choices[0]
-        _check_calls(choice.message.tool_calls)
+        calls = choice.message.tool_calls
         if choice.finish_reason == "length":
             assert choice.message.content is None or choice.message.content.lstrip().startswith("<tool_call>")
+            if not _is_json(calls[-1].function.arguments):
+                calls, cut = calls[:-1], calls[-1]
+                assert cut.function.name in PARAMETERS and cut.function.arguments.startswith("{"), cut
         else:
             assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        _check_calls(calls)
 
 
 def test_a_named_function_is_the_one_called(client):
@@ -188,6 +193,24 @@ def test_streamed_tool_calls_arrive_as_openai_streams_them(client):
     assert finish == whole_finish and len(calls) >= 2 and sorted(calls) == list(range(len(calls)))
     assert [calls[i] for i in sorted(calls)] == [{"name": c.function.name, "arguments": c.function.arguments}
                                                  for c in whole]
+
+
+def test_a_forced_call_streams_its_arguments_in_pieces(client):
+    """As OpenAI streams a call: its id and name first (arguments ""), then its arguments in several deltas as
+    they are written, which join to the arguments of the same request not streamed."""
+    for seed in SEEDS:
+        body = dict(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                    max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
+        whole = client.chat.completions.create(**body).choices[0].message.tool_calls
+        deltas = [delta for chunk in client.chat.completions.create(stream=True, **body) if chunk.choices
+                  for delta in chunk.choices[0].delta.tool_calls or []]
+        head, pieces = deltas[0], deltas[1:]
+        assert head.id.startswith("call_") and head.function.name == whole[0].function.name
+        assert head.function.arguments == ""
+        assert len(pieces) > 1 and all(d.index == 0 and d.id is None and not d.function.name for d in pieces)
+        arguments = "".join(d.function.arguments for d in pieces)
+        assert arguments == whole[0].function.arguments
+        jsonschema.validate(json.loads(arguments), PARAMETERS[head.function.name])
 
 
 def test_thinking_then_a_forced_call_streamed_and_whole(client):
@@ -222,9 +245,12 @@ def test_tool_choice_none_leaves_the_tools_out(client):
 
 
 def test_multi_turn_tool_use_goes_back_through_the_template(client):
+    # One call, which fits max_tokens (a call cut off has arguments that are not JSON, which no turn may send).
     first = client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required",
-                                           max_tokens=120, temperature=1, seed=1, extra_body=NO_THINKING)
+                                           parallel_tool_calls=False, max_tokens=120, temperature=1, seed=1,
+                                           extra_body=NO_THINKING)
     message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls"
     history = [*WEATHER_ASK, message.model_dump(exclude_none=True),  # content null, arguments as JSON text
                *({"role": "tool", "tool_call_id": call.id, "content": "18 C"} for call in message.tool_calls)]
     second = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4,

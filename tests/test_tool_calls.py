@@ -11,7 +11,7 @@ from llguidance import LLMatcher, LLTokenizer
 
 import qwen3moe_jax as qj
 from qwen3moe_jax import server
-from qwen3moe_jax.tool_calls import Thinking, ToolCallSplitter, json_grammar, parse_tool_call, tool_call_grammar
+from qwen3moe_jax.tool_calls import Thinking, ToolCallSplitter, joined, json_grammar, parse_tool_call, tool_call_grammar
 
 WEATHER = {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
@@ -28,14 +28,20 @@ PARIS = call_text("get_weather", {"city": "Paris"})
 ROME = call_text("get_weather", {"city": "Rome", "unit": "celsius"})
 
 
-def _split(text: str, cuts: list[int], names=("get_weather", "now")):
-    splitter = ToolCallSplitter(names)
-    content, calls = "", []
+def _feed(text: str, cuts: list[int], names=("get_weather", "now"), stream_arguments=False):
+    """(content, call deltas) of `text` fed in pieces cut at `cuts`."""
+    splitter = ToolCallSplitter(names, stream_arguments)
+    content, deltas = "", []
     for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
         c, new = splitter.feed(text[a:b])
-        content, calls = content + c, calls + new
+        content, deltas = content + c, deltas + new
     c, new = splitter.feed("", final=True)
-    return content + c, [(call.name, json.loads(call.arguments)) for call in calls + new]
+    return content + c, deltas + new
+
+
+def _split(text: str, cuts: list[int], names=("get_weather", "now"), stream_arguments=False):
+    content, deltas = _feed(text, cuts, names, stream_arguments)
+    return content, [(call.name, json.loads(call.arguments)) for call in joined(deltas)]
 
 
 # (reply content, expected text, expected calls)
@@ -75,8 +81,65 @@ def test_a_call_goes_out_when_its_block_closes_and_text_before_it_at_once():
     splitter = ToolCallSplitter(["get_weather"])
     assert splitter.feed("Checking") == ("Checking", [])
     assert splitter.feed(".\n<tool_") == (".", [])  # the newline and a possible tag are held back
-    text, calls = splitter.feed(PARIS[len("<tool_"):])
-    assert text == "" and [c.name for c in calls] == ["get_weather"]
+    assert splitter.feed(PARIS[len("<tool_"):-1]) == ("", [])  # unconstrained: nothing until the block closes
+    text, deltas = splitter.feed(PARIS[-1])
+    assert text == "" and [(d.index, d.call and d.call.name, d.arguments) for d in deltas] == [
+        (0, "get_weather", ""), (0, None, '{"city": "Paris"}')]
+    assert deltas[0].openai() == {"index": 0, "id": deltas[0].call.id, "type": "function",
+                                  "function": {"name": "get_weather", "arguments": ""}}
+    assert deltas[1].openai() == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+
+
+# Calls as the forcing grammar writes them (json.dumps's separators), and the arguments text each must give.
+FORCED = [(PARIS, ['{"city": "Paris"}']),
+          (f"{PARIS}\n{ROME}", ['{"city": "Paris"}', '{"city": "Rome", "unit": "celsius"}']),
+          (call_text("now", {"deep": {"a": [1, {"b": "}"}]}, "s": "x}\n</tool"}),
+           ['{"deep": {"a": [1, {"b": "}"}]}, "s": "x}\\n</tool"}']),
+          ('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>', ["{}"])]
+
+
+@pytest.mark.parametrize(("text", "arguments"), FORCED)
+def test_streamed_arguments_come_in_pieces_that_join_to_the_whole_calls(text, arguments):
+    """With stream_arguments (decoding constrained to calls) a call's head goes out as soon as its name is
+    known, then its arguments as they come; wherever the text is cut, the pieces join to the arguments of
+    the whole reply, which are the text as written (valid JSON), as the unconstrained splitter gives them."""
+    whole_content, whole = _feed(text, [], stream_arguments=True)
+    assert whole_content == "" and [c.arguments for c in joined(whole)] == arguments
+    assert [c.arguments for c in joined(_feed(text, [])[1])] == arguments  # as without stream_arguments
+    for cuts in [[i] for i in range(len(text) + 1)] + [list(range(1, len(text)))]:
+        content, deltas = _feed(text, cuts, stream_arguments=True)
+        assert content == "" and [c.arguments for c in joined(deltas)] == arguments, cuts
+        heads = [d for d in deltas if d.call is not None]
+        assert [d.index for d in heads] == list(range(len(arguments))) and all(d.arguments == "" for d in heads)
+    # Fed a character at a time, the arguments come in many pieces, and each call's head before them.
+    _, deltas = _feed(text, list(range(1, len(text))), stream_arguments=True)
+    for index, expected in enumerate(arguments):
+        mine = [d for d in deltas if d.index == index]
+        assert mine[0].call is not None and all(d.call is None for d in mine[1:])
+        assert len(mine) > 2  # the head and at least two pieces
+        assert isinstance(json.loads(expected), dict)
+
+
+def test_a_streamed_call_goes_out_before_its_block_closes():
+    splitter = ToolCallSplitter(["get_weather"], stream_arguments=True)
+    assert splitter.feed('<tool_call>\n{"name": "get_weather", "arguments": ') == ("", [])  # a space may follow
+    _, deltas = splitter.feed('{"city": "Pa')
+    assert [(d.call and d.call.name, d.arguments) for d in deltas] == [("get_weather", ""), (None, '{"city": "Pa')]
+    _, deltas = splitter.feed('ris"}')  # this brace may be the body's end: held
+    assert [d.arguments for d in deltas] == ['ris"']
+    _, deltas = splitter.feed('}\n</tool')  # now that one is, and the tag may be coming
+    assert [d.arguments for d in deltas] == ["}"]
+    assert splitter.feed("_call>") == ("", [])
+
+
+def test_a_streamed_call_cut_off_keeps_the_arguments_written():
+    """max_tokens ends the reply inside a constrained call: the call was sent, so it stays one (as OpenAI's
+    do, with finish_reason "length"), with the arguments written so far; the whole reply splits alike."""
+    text = PARIS[:-len('"}}\n</tool_call>')]
+    for cuts in [[], [len(text) - 3], list(range(1, len(text)))]:
+        content, deltas = _feed(text, cuts, stream_arguments=True)
+        assert content == "" and [(c.name, c.arguments) for c in joined(deltas)] == [("get_weather", '{"city": "Paris')]
+    assert _feed(text, [])[0] == text  # unconstrained, a block cut off stays text
 
 
 def test_calls_have_openai_ids_and_json_text_arguments():
