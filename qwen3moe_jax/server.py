@@ -560,13 +560,14 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class ReplyFormat:
     """How a chat reply is parsed (see tool_calls.py): `reasoning`, whether a thinking block goes to
-    reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the names of the
-    functions whose <tool_call> blocks become tool_calls (None: no parsing, as with tool_choice "none"), and
+    reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the functions
+    whose <tool_call> blocks become tool_calls, by name, with their parameters schema (None: no parsing, as
+    with tool_choice "none"), and
     `stream_arguments`, whether decoding is constrained to calls, so that their arguments stream as they come."""
 
     reasoning: bool = False
     opened: bool = False
-    tools: tuple[str, ...] | None = None
+    tools: dict[str, dict[str, Any] | None] | None = None
     stream_arguments: bool = False
 
 
@@ -621,9 +622,9 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
     # Thinking is on unless the template was told otherwise; then Qwen3's templates pre-fill an empty block.
     thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools} if tools else None
     reply = ReplyFormat(reasoning=thinking, opened=thinking and tool_calls.prompt_opens_thinking(text),
-                        tools=tuple(t["function"]["name"] for t in tools) if tools else None,
-                        stream_arguments=forced is not None)
+                        tools=schemas, stream_arguments=forced is not None)
     prompt = encode(text)
     params, asked_by = _constrained(model, body, params, forced, reply, len(prompt))
     return dataclasses.replace(_checked(model, prompt, params, "messages", asked_by), reply=reply)
@@ -641,6 +642,11 @@ def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list
         raise ApiError(400, "tool_choice needs tools: send the tools it may call", "tool_choice", "invalid_value")
     if choice == "none" or not functions:
         return None, None
+    for function in functions:  # a call's arguments are checked against them
+        try:
+            tool_calls.parameters_validator(function.get("parameters"))
+        except ValueError as err:
+            raise ApiError(400, f"tools: the function {function['name']!r}: {err}", "tools", "invalid_value") from err
     offered = [{"type": "function", "function": f} for f in functions]
     if choice == "required":
         return offered, functions

@@ -27,8 +27,10 @@ import dataclasses
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jsonschema
 
 from qwen3moe_jax.constraints import JSON_STYLE
 
@@ -176,11 +178,28 @@ def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall |
     return ToolCall(value["name"], text)
 
 
+def parameters_validator(schema: dict[str, Any] | None) -> Any:
+    """A jsonschema validator of a tool's arguments by its `parameters` schema (None: any object); ValueError
+    if the schema is not one."""
+    schema = {"type": "object"} if schema is None else schema
+    validator = jsonschema.validators.validator_for(schema)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise ValueError(f"parameters is not a JSON schema: {err.message}") from err
+    return validator(schema)
+
+
 class ToolCallSplitter:
     """Splits content into (text, tool call deltas). Each <tool_call>…</tool_call> block that holds a
-    well-formed call of one of `names` becomes a ToolCall; any other block stays text, as written, and so does
-    a block still open when the reply ends. Whitespace before a call is dropped (Qwen3 puts a newline there),
-    so a reply of calls alone has no text.
+    well-formed call of one of `tools` (name: its parameters schema, None for any object) whose arguments
+    validate against that schema becomes a ToolCall; any other block stays text, as written, and so does a
+    block still open when the reply ends. Whitespace before a call is dropped (Qwen3 puts a newline there), so
+    a reply of calls alone has no text.
+
+    A call whose arguments the schema refuses stays text (vLLM returns it as a call and leaves the check to
+    the client): the tools' schemas are the contract the client declared, a call that breaks it cannot be run
+    as it is, and the text shows what the model wrote. Forced calls always fit (the grammar writes them).
 
     When does a call go out? With `stream_arguments` (decoding is constrained to calls, so every block is one),
     once its head `{"name": ..., "arguments": ` has come with one of the names: its first delta then, and its
@@ -189,8 +208,10 @@ class ToolCallSplitter:
     parsers stream every block that starts like a call and cannot take back one that goes wrong.) A streamed
     call whose reply ends first (max_tokens, a stop string) keeps the arguments written so far, as OpenAI's do."""
 
-    def __init__(self, names: Sequence[str] | None = None, stream_arguments: bool = False) -> None:
-        self.names = names
+    def __init__(self, tools: Mapping[str, dict[str, Any] | None] | None = None,
+                 stream_arguments: bool = False) -> None:
+        self.names = None if tools is None else list(tools)
+        self.validators = {name: parameters_validator(schema) for name, schema in (tools or {}).items()}
         self.stream_arguments = stream_arguments
         self.pending = ""
         self.inside = False
@@ -231,7 +252,7 @@ class ToolCallSplitter:
                     return out, deltas
                 body, self.pending = self.pending[:end], self.pending[end + len(CALL_CLOSE):]
                 self.inside = False
-                if (call := parse_tool_call(body, self.names)) is not None:
+                if (call := parse_tool_call(body, self.names)) is not None and self._fits(call):
                     deltas += [ToolCallDelta(self.calls, call=dataclasses.replace(call, arguments="")),
                                ToolCallDelta(self.calls, call.arguments)]
                     self.calls += 1
@@ -253,6 +274,11 @@ class ToolCallSplitter:
             cut = len(body.rstrip())
             out, self.pending = out + self.pending[:cut], self.pending[cut:]
             return out, deltas
+
+    def _fits(self, call: ToolCall) -> bool:
+        """Whether the call's arguments validate against its tool's parameters schema."""
+        validator = self.validators.get(call.name)
+        return validator is None or validator.is_valid(json.loads(call.arguments))
 
 
 # ------------------------------------------------------------------------------------------- grammars
@@ -315,10 +341,10 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: 
 
 class ReplyParser:
     """A chat reply's text deltas as (reasoning, content, tool call) deltas: the thinking block split off
-    when `reasoning`, then tool calls of `tools` taken out of the content (None: no tool-call parsing), their
-    arguments streamed as they come when `stream_arguments` (see ToolCallSplitter)."""
+    when `reasoning`, then tool calls of `tools` (name: parameters schema) taken out of the content (None: no
+    tool-call parsing), their arguments streamed as they come when `stream_arguments` (see ToolCallSplitter)."""
 
-    def __init__(self, reasoning: bool, opened: bool, tools: Sequence[str] | None,
+    def __init__(self, reasoning: bool, opened: bool, tools: Mapping[str, dict[str, Any] | None] | None,
                  stream_arguments: bool = False) -> None:
         self.thinking = ReasoningSplitter(opened) if reasoning else None
         self.calls = ToolCallSplitter(tools, stream_arguments) if tools is not None else None

@@ -26,11 +26,12 @@ def call_text(name: str, arguments: dict) -> str:
 
 PARIS = call_text("get_weather", {"city": "Paris"})
 ROME = call_text("get_weather", {"city": "Rome", "unit": "celsius"})
+TOOLS_BY_NAME = {"get_weather": WEATHER["parameters"], "now": None}
 
 
-def _feed(text: str, cuts: list[int], names=("get_weather", "now"), stream_arguments=False):
+def _feed(text: str, cuts: list[int], tools=TOOLS_BY_NAME, stream_arguments=False):
     """(content, call deltas) of `text` fed in pieces cut at `cuts`."""
-    splitter = ToolCallSplitter(names, stream_arguments)
+    splitter = ToolCallSplitter(tools, stream_arguments)
     content, deltas = "", []
     for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
         c, new = splitter.feed(text[a:b])
@@ -39,8 +40,8 @@ def _feed(text: str, cuts: list[int], names=("get_weather", "now"), stream_argum
     return content + c, deltas + new
 
 
-def _split(text: str, cuts: list[int], names=("get_weather", "now"), stream_arguments=False):
-    content, deltas = _feed(text, cuts, names, stream_arguments)
+def _split(text: str, cuts: list[int], tools=TOOLS_BY_NAME, stream_arguments=False):
+    content, deltas = _feed(text, cuts, tools, stream_arguments)
     return content, [(call.name, json.loads(call.arguments)) for call in joined(deltas)]
 
 
@@ -60,6 +61,12 @@ CASES = [
     ('<tool_call>\n{"name": "now", "arguments": "{}"}\n</tool_call>',
      '<tool_call>\n{"name": "now", "arguments": "{}"}\n</tool_call>', []),  # arguments must be an object
     ('<tool_call>\n{"name": "now"}\n</tool_call>', "", [("now", {})]),  # no arguments: none
+    # Arguments the tool's parameters schema refuses stay text, as written.
+    (call_text("get_weather", {"city": 3}), call_text("get_weather", {"city": 3}), []),
+    (call_text("get_weather", {"town": "Paris"}), call_text("get_weather", {"town": "Paris"}), []),
+    (f"{PARIS}\n{call_text('get_weather', {'city': 'x' * 21})}", "\n" + call_text("get_weather", {"city": "x" * 21}),
+     [("get_weather", {"city": "Paris"})]),
+    (call_text("now", {"any": [1, "thing"]}), "", [("now", {"any": [1, "thing"]})]),  # no schema: any object
     ('Cut off: <tool_call>\n{"name": "now", "argu', 'Cut off: <tool_call>\n{"name": "now", "argu', []),
     ("a <tool_cal", "a <tool_cal", []),
 ]
@@ -78,7 +85,7 @@ def test_a_streamed_reply_parses_alike_wherever_it_is_cut(text, content, calls):
 
 
 def test_a_call_goes_out_when_its_block_closes_and_text_before_it_at_once():
-    splitter = ToolCallSplitter(["get_weather"])
+    splitter = ToolCallSplitter({"get_weather": WEATHER["parameters"]})
     assert splitter.feed("Checking") == ("Checking", [])
     assert splitter.feed(".\n<tool_") == (".", [])  # the newline and a possible tag are held back
     assert splitter.feed(PARIS[len("<tool_"):-1]) == ("", [])  # unconstrained: nothing until the block closes
@@ -121,7 +128,7 @@ def test_streamed_arguments_come_in_pieces_that_join_to_the_whole_calls(text, ar
 
 
 def test_a_streamed_call_goes_out_before_its_block_closes():
-    splitter = ToolCallSplitter(["get_weather"], stream_arguments=True)
+    splitter = ToolCallSplitter({"get_weather": WEATHER["parameters"]}, stream_arguments=True)
     assert splitter.feed('<tool_call>\n{"name": "get_weather", "arguments": ') == ("", [])  # a space may follow
     _, deltas = splitter.feed('{"city": "Pa')
     assert [(d.call and d.call.name, d.arguments) for d in deltas] == [("get_weather", ""), (None, '{"city": "Pa')]
@@ -251,6 +258,8 @@ def _prepare(model, **fields):
      "not one of the tools"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": TOOLS + TOOLS}, "tools", "same name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no such type"}}}]}, "tools",
+     "'f': parameters is not a JSON schema"),  # tool_choice "auto" too: calls are checked against it
     ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
     ({"response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"}, "response_format",
      "cannot constrain"),
@@ -279,7 +288,8 @@ def test_tool_choice_none_offers_no_tools_and_parses_none(model):
     offered = _prepare(model, tools=TOOLS, tool_choice="auto")
     hidden = _prepare(model, tools=TOOLS, tool_choice="none")
     plain = _prepare(model)
-    assert "get_weather" in model.tokenizer.decode(offered.prompt) and offered.reply.tools == ("get_weather",)
+    assert "get_weather" in model.tokenizer.decode(offered.prompt)
+    assert offered.reply.tools == {"get_weather": WEATHER["parameters"]}
     assert hidden.prompt == plain.prompt and hidden.reply.tools is None
 
 
