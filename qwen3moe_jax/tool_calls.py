@@ -13,7 +13,17 @@ A Qwen3 reply may open with a thinking block and may end in tool calls:
 
 `ReasoningSplitter` sends the thinking to `reasoning_content` and the rest to `content` (as vLLM's qwen3
 reasoning parser does); `ToolCallSplitter` takes each well-formed <tool_call> block out of the content as
-a `ToolCall`. Both work on a stream of text deltas: they hold back a tail that may be the start of a tag cut
+a `ToolCall`, in that JSON form or in Qwen3-Coder's XML form:
+
+    <tool_call>
+    <function=get_weather>
+    <parameter=city>
+    Paris
+    </parameter>
+    </function>
+    </tool_call>
+
+Both work on a stream of text deltas: they hold back a tail that may be the start of a tag cut
 across tokens, and a whole reply is one delta with final=True, so streamed and whole replies split alike.
 
 `tool_call_grammar` and `json_grammar` are Lark grammars in llguidance's syntax (SamplingParams(grammar=...))
@@ -153,10 +163,13 @@ def _arguments_end(rest: str) -> int:
     return len(text[:-1].rstrip()) if text.endswith("}") else len(text)
 
 
-def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall | None:
-    """The call a <tool_call> block's body holds: a JSON object {"name": ..., "arguments": {...}} whose name
-    is one of `names` (None: any); None if it holds anything else. The arguments are their text as written
-    when the body has Qwen3's form (as a streamed call sends them), else the object as json.dumps writes it."""
+def parse_tool_call(body: str, tools: Mapping[str, dict[str, Any] | None] | None = None) -> ToolCall | None:
+    """The call a <tool_call> block's body holds, in Qwen3's JSON form or Qwen3-Coder's XML form
+    (`parse_xml_call`), of one of `tools` (name: its parameters schema; None: any name); None if it holds
+    anything else. A JSON call's arguments are their text as written when the body has Qwen3's form (as a
+    streamed call sends them), else the object as json.dumps writes it."""
+    if body.lstrip().startswith("<function="):
+        return parse_xml_call(body, tools)
     try:
         value = json.loads(body)
     except ValueError:
@@ -164,7 +177,7 @@ def parse_tool_call(body: str, names: Sequence[str] | None = None) -> ToolCall |
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", {})
-    if not isinstance(arguments, dict) or (names is not None and value["name"] not in names):
+    if not isinstance(arguments, dict) or (tools is not None and value["name"] not in tools):
         return None
     text = json.dumps(arguments, ensure_ascii=False)
     if head := _HEAD.match(body):
@@ -190,6 +203,42 @@ def parameters_validator(schema: dict[str, Any] | None) -> Any:
     return validator(schema)
 
 
+# Qwen3-Coder's form of a call's body: <function=NAME>, each argument as <parameter=NAME>\nVALUE\n</parameter>
+# (newlines between them), then </function>.
+_XML_CALL = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.DOTALL)
+_XML_PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+_TEXT_TYPES = (None, "string")  # no type given: the text is the value, as vLLM's qwen3_coder parser takes it
+
+
+def parse_xml_call(body: str, tools: Mapping[str, dict[str, Any] | None] | None = None) -> ToolCall | None:
+    """The call of a body in Qwen3-Coder's XML form, of one of `tools` (None: any name); None if it is not
+    one. Each value is the text between its tags less one newline at each end; it stays that text where the
+    tool's schema types the parameter as a string (or not at all), and is read as JSON otherwise (an integer,
+    object, null...), staying text if it is not JSON, so that the schema check refuses it. Arguments are
+    written as json.dumps writes them."""
+    call = _XML_CALL.fullmatch(body)
+    if call is None or (tools is not None and call[1] not in tools):
+        return None
+    properties = ((tools or {}).get(call[1]) or {}).get("properties", {})
+    arguments: dict[str, Any] = {}
+    at, inner = 0, call[2]
+    while parameter := _XML_PARAMETER.match(inner, at):
+        name, value = parameter[1], parameter[2].removeprefix("\n").removesuffix("\n")
+        if name in arguments:  # said twice: not a call we can read one way
+            return None
+        schema = properties.get(name)
+        types = schema.get("type") if isinstance(schema, dict) else None
+        if not any(t in _TEXT_TYPES for t in (types if isinstance(types, list) else [types])):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        arguments[name], at = value, parameter.end()
+    if inner[at:].strip():  # anything but parameters
+        return None
+    return ToolCall(call[1], json.dumps(arguments, ensure_ascii=False))
+
+
 class ToolCallSplitter:
     """Splits content into (text, tool call deltas). Each <tool_call>…</tool_call> block that holds a
     well-formed call of one of `tools` (name: its parameters schema, None for any object) whose arguments
@@ -210,7 +259,7 @@ class ToolCallSplitter:
 
     def __init__(self, tools: Mapping[str, dict[str, Any] | None] | None = None,
                  stream_arguments: bool = False) -> None:
-        self.names = None if tools is None else list(tools)
+        self.tools = tools
         self.validators = {name: parameters_validator(schema) for name, schema in (tools or {}).items()}
         self.stream_arguments = stream_arguments
         self.pending = ""
@@ -243,7 +292,7 @@ class ToolCallSplitter:
                 if end < 0:
                     head = _HEAD.match(self.pending) if self.stream_arguments else None
                     # The head is complete when the arguments' first character has come after it.
-                    if head and head.end() < len(self.pending) and (self.names is None or head[1] in self.names):
+                    if head and head.end() < len(self.pending) and (self.tools is None or head[1] in self.tools):
                         deltas.append(ToolCallDelta(self.calls, call=ToolCall(head[1], "")))
                         self.pending, self.sent = self.pending[head.end():], 0
                         continue
@@ -252,7 +301,7 @@ class ToolCallSplitter:
                     return out, deltas
                 body, self.pending = self.pending[:end], self.pending[end + len(CALL_CLOSE):]
                 self.inside = False
-                if (call := parse_tool_call(body, self.names)) is not None and self._fits(call):
+                if (call := parse_tool_call(body, self.tools)) is not None and self._fits(call):
                     deltas += [ToolCallDelta(self.calls, call=dataclasses.replace(call, arguments="")),
                                ToolCallDelta(self.calls, call.arguments)]
                     self.calls += 1

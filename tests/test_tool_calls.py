@@ -149,6 +149,69 @@ def test_a_streamed_call_cut_off_keeps_the_arguments_written():
     assert _feed(text, [])[0] == text  # unconstrained, a block cut off stays text
 
 
+# ------------------------------------------------------------------------- Qwen3-Coder's XML form
+
+def xml_call(name: str, **parameters: str) -> str:
+    """A call as Qwen3-Coder's chat template asks for it."""
+    body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+SEARCH = {"type": "object", "properties": {
+    "query": {"type": "string"}, "limit": {"type": "integer"}, "exact": {"type": "boolean"},
+    "filters": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
+    "ratio": {"type": ["number", "null"]}, "note": {"description": "no type: text"}}, "required": ["query"]}
+CODER_TOOLS = {"get_weather": WEATHER["parameters"], "search": SEARCH, "now": None}
+EVERY_TYPE = xml_call("search", query="42", limit="10", exact="true", filters='{"lang": "py"}', tags='["a", "b"]',
+                      ratio="null", note="7")
+
+# (reply content, expected text, expected calls)
+CODER_CASES = [
+    (xml_call("get_weather", city="Paris"), "", [("get_weather", {"city": "Paris"})]),
+    # Each value by its type in the schema: strings (and untyped) stay text, the rest is read as JSON.
+    (EVERY_TYPE, "", [("search", {"query": "42", "limit": 10, "exact": True, "filters": {"lang": "py"},
+                                  "tags": ["a", "b"], "ratio": None, "note": "7"})]),
+    (xml_call("search", query="  two\nlines\n"), "", [("search", {"query": "  two\nlines\n"})]),  # one newline off
+    ("<tool_call>\n<function=now>\n</function>\n</tool_call>", "", [("now", {})]),
+    (f"Let me look.\n{xml_call('get_weather', city='Paris')}\n{xml_call('search', query='rain', limit='3')}\n{ROME}",
+     "Let me look.", [("get_weather", {"city": "Paris"}), ("search", {"query": "rain", "limit": 3}),
+                      ("get_weather", {"city": "Rome", "unit": "celsius"})]),
+    # Not calls: they stay text, as written.
+    (xml_call("search", query="x", limit="ten"), xml_call("search", query="x", limit="ten"), []),  # not an integer
+    (xml_call("get_weather", city="Paris", town="x"), xml_call("get_weather", city="Paris", town="x"), []),
+    (xml_call("launch", city="Paris"), xml_call("launch", city="Paris"), []),  # not one of the tools
+    (xml_call("search", query="a", limit="1").replace("limit", "query"),
+     xml_call("search", query="a", limit="1").replace("limit", "query"), []),  # a parameter twice
+    ("<tool_call>\n<function=now>\nhello\n</function>\n</tool_call>",
+     "<tool_call>\n<function=now>\nhello\n</function>\n</tool_call>", []),  # text between parameters
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", "<tool_call>\n<function=get_weather>\n"
+     "<parameter=city>\nPar", []),  # cut off
+]
+
+
+@pytest.mark.parametrize("stream_arguments", [False, True])
+@pytest.mark.parametrize(("text", "content", "calls"), CODER_CASES)
+def test_coder_xml_calls_parse_alike_whole_and_cut_anywhere(text, content, calls, stream_arguments):
+    """An XML call goes out whole once its block closes, even when decoding is constrained (the grammar
+    writes the JSON form)."""
+    one_cut = [[i] for i in range(len(text) + 1)] if not stream_arguments else []
+    for cuts in [[], *one_cut, list(range(1, len(text)))]:
+        assert _split(text, cuts, CODER_TOOLS, stream_arguments) == (content, calls), cuts
+
+
+def test_the_server_reads_coder_calls_by_the_tools_schemas():
+    shape = server._Shape("chatcmpl-1", "m", True, None, server.ReplyFormat(tools=CODER_TOOLS))
+    message, calls = shape.message("Searching.\n" + xml_call("search", query="rain", limit="3"))
+    assert calls == 1 and message["content"] == "Searching."
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"query": "rain", "limit": 3}
+
+
+def test_coder_xml_arguments_are_json_text():
+    call = parse_tool_call(xml_call("get_weather", city="Zürich")[len("<tool_call>"):-len("</tool_call>")],
+                           CODER_TOOLS)
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Zürich"}')
+
+
 def test_calls_have_openai_ids_and_json_text_arguments():
     call = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
     other = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
