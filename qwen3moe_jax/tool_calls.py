@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jsonschema
+from referencing.exceptions import Unresolvable
 
 from qwen3moe_jax.constraints import JSON_STYLE
 
@@ -195,6 +196,8 @@ def parameters_validator(schema: dict[str, Any] | None) -> Any:
     """A jsonschema validator of a tool's arguments by its `parameters` schema (None: any object); ValueError
     if the schema is not one."""
     schema = {"type": "object"} if schema is None else schema
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ValueError("parameters is not a JSON schema: its $schema is not a URI")
     validator = jsonschema.validators.validator_for(schema)
     try:
         validator.check_schema(schema)
@@ -325,9 +328,13 @@ class ToolCallSplitter:
             return out, deltas
 
     def _fits(self, call: ToolCall) -> bool:
-        """Whether the call's arguments validate against its tool's parameters schema."""
+        """Whether the call's arguments validate against its tool's parameters schema (not if the schema
+        needs a $ref it cannot resolve: no schema is fetched)."""
         validator = self.validators.get(call.name)
-        return validator is None or validator.is_valid(json.loads(call.arguments))
+        try:
+            return validator is None or validator.is_valid(json.loads(call.arguments))
+        except Unresolvable:
+            return False
 
 
 # ------------------------------------------------------------------------------------------- grammars

@@ -212,6 +212,13 @@ def test_coder_xml_arguments_are_json_text():
     assert (call.name, call.arguments) == ("get_weather", '{"city": "Zürich"}')
 
 
+def test_a_schema_whose_reference_cannot_be_resolved_refuses_calls():
+    """No schema is fetched, so a call of a tool whose parameters refer elsewhere cannot be checked: text."""
+    for ref in ("#/$defs/missing", "https://example.com/city.json"):
+        tools = {"get_weather": {"type": "object", "properties": {"city": {"$ref": ref}}}}
+        assert _split(PARIS, [], tools) == (PARIS, [])
+
+
 def test_calls_have_openai_ids_and_json_text_arguments():
     call = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
     other = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Zürich"}}')
@@ -323,6 +330,8 @@ def _prepare(model, **fields):
     ({"tools": TOOLS + TOOLS}, "tools", "same name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "no such type"}}}]}, "tools",
      "'f': parameters is not a JSON schema"),  # tool_choice "auto" too: calls are checked against it
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$schema": ["x"]}}}]}, "tools",
+     "'f': parameters is not a JSON schema"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "needs json_schema"),
     ({"response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"}, "response_format",
      "cannot constrain"),
