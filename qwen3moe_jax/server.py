@@ -562,8 +562,8 @@ class ReplyFormat:
     """How a chat reply is parsed (see tool_calls.py): `reasoning`, whether a thinking block goes to
     reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the functions
     whose <tool_call> blocks become tool_calls, by name, with their parameters schema (None: no parsing, as
-    with tool_choice "none"), and
-    `stream_arguments`, whether decoding is constrained to calls, so that their arguments stream as they come."""
+    with tool_choice "none"), and `stream_arguments`, whether decoding is constrained to calls, so that their
+    arguments stream as they come."""
 
     reasoning: bool = False
     opened: bool = False
