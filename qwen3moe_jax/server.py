@@ -682,7 +682,9 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced
 
     if forced is not None:
         several = body.tool_choice == "required" and body.parallel_tool_calls
-        param, constraint = "tools", {"grammar": tool_calls.tool_call_grammar(forced, several, thinking, has_token)}
+        xml = "<function=" in (model.tokenizer.chat_template or "")  # Qwen3-Coder's template asks for XML calls
+        param = "tools"
+        constraint = {"grammar": tool_calls.tool_call_grammar(forced, several, thinking, has_token, xml)}
     else:
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
         param = "response_format"

@@ -378,17 +378,70 @@ def json_grammar(schema: dict[str, Any], thinking: Thinking | None, has_token: C
     return f"start: {prefix}{_json(schema)}\n{rules}"
 
 
+# What a schema may say for the XML form to write it: the rest (a pattern, minLength, anyOf, $ref...) the
+# grammar cannot keep to in raw text, so such a tool's calls are written in the JSON form.
+_NOTES = {"description", "title", "default", "examples"}
+_XML_OBJECT = _NOTES | {"type", "properties", "required", "additionalProperties", "$schema"}
+_XML_TEXT = _NOTES | {"type", "enum", "maxLength"}
+
+
+def _xml_parameter(rule: str, key: str, schema: Any) -> list[str] | None:
+    """The Lark rules of one parameter in the XML form, or None if the form cannot keep to its schema. Text
+    (a string, or no type) is written as it is, up to </parameter>, as parse_xml_call reads it (one newline
+    at each end is not part of it, so maxLength bounds the text with them); any other type is JSON."""
+    if not isinstance(schema, dict) or not re.fullmatch(r"[^>\n]+", key):
+        return None
+    opening = json.dumps(f"<parameter={key}>\n")
+    types = schema.get("type")
+    if types not in _TEXT_TYPES and not (isinstance(types, list) and "string" in types):
+        return [f'{rule}: {opening} {_json(schema)} "\\n</parameter>\\n"']
+    if not set(schema) <= _XML_TEXT:
+        return None
+    if "enum" in schema:
+        if not all(isinstance(value, str) and "</parameter>" not in value for value in schema["enum"]):
+            return None
+        choices = " | ".join(json.dumps(value) for value in schema["enum"])
+        return [f'{rule}: {opening} ({choices}) "\\n</parameter>\\n"']
+    bound = f"{{0,{schema['maxLength']}}}" if "maxLength" in schema else "*"
+    # A lazy lexeme: the text ends at the first </parameter>, which the suffix then writes.
+    return [f"{rule}: {opening} {rule}_text", f'{rule}_text[suffix="</parameter>\\n"]: /(.|\\n){bound}/']
+
+
+def _xml_function(i: int, tool: dict[str, Any]) -> list[str] | None:
+    """The Lark rules of a call of `tool` (rule fn{i}) in Qwen3-Coder's XML form, or None if the form cannot
+    keep to the tool's parameters schema: the parameters in the schema's order, the required ones always, no
+    others."""
+    schema = tool.get("parameters")
+    if not isinstance(schema, dict) or schema.get("type") != "object" or not set(schema) <= _XML_OBJECT:
+        return None
+    properties, required = schema.get("properties", {}), set(schema.get("required", []))
+    if not required <= set(properties):
+        return None
+    rules, parts = [], []
+    for j, (key, prop) in enumerate(properties.items()):
+        if (parameter := _xml_parameter(f"fn{i}_{j}", key, prop)) is None:
+            return None
+        rules += parameter
+        parts.append(f"fn{i}_{j}" + ("" if key in required else "?"))
+    head = json.dumps(f"<function={tool['name']}>\n")
+    return [f"fn{i}: {head} {' '.join(parts)} \"</function>\"", *rules]
+
+
 def tool_call_grammar(tools: Sequence[dict[str, Any]], several: bool, thinking: Thinking | None,
-                      has_token: Callable[[str], bool]) -> str:
+                      has_token: Callable[[str], bool], xml: bool = False) -> str:
     """One <tool_call> (several: one or more, a newline apart) of one of `tools` (OpenAI's function
     objects: name, parameters), its arguments valid JSON of that tool's parameters schema, after a thinking
-    block when `thinking` asks for one."""
+    block when `thinking` asks for one. With `xml` (a Qwen3-Coder template), in Qwen3-Coder's XML form where
+    that form can keep to the tool's schema (`_xml_function`), else in the JSON form."""
     prefix, rules = _thinking_prefix(thinking, has_token)
     calls = "call (\"\\n\" call)*" if several else "call"
     alternatives = " | ".join(f"fn{i}" for i in range(len(tools)))
     lines = [f"start: {prefix}{calls}",
              f"call: {_tag(CALL_OPEN, has_token)} \"\\n\" ({alternatives}) \"\\n\" {_tag(CALL_CLOSE, has_token)}"]
     for i, tool in enumerate(tools):
+        if xml and (form := _xml_function(i, tool)) is not None:
+            lines += form
+            continue
         head = json.dumps(f'{{"name": {json.dumps(tool["name"])}, "arguments": ')
         schema = tool.get("parameters") or {"type": "object"}
         lines.append(f"fn{i}: {head} {_json(schema)} \"}}\"")

@@ -233,6 +233,33 @@ def test_thinking_then_a_forced_call_streamed_and_whole(client):
     assert arguments == whole.message.tool_calls[0].function.arguments
 
 
+@pytest.fixture(scope="module")
+def coder_app():
+    """An in-process server whose chat template asks for Qwen3-Coder's XML calls (it mentions <function=)."""
+    from fastapi.testclient import TestClient
+
+    from qwen3moe_jax.server import create_app
+
+    model = qj.load(progress=False, max_seq_len=512)
+    model.tokenizer.chat_template += "{#- Qwen3-Coder writes calls as <function=NAME><parameter=KEY>... -#}"
+    with TestClient(create_app(model, MODEL)) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def test_forced_calls_in_qwen3_coder_form_are_valid_calls(coder_app):
+    """The grammar writes the calls in the XML form (a call's arguments then go out whole, in one delta, once
+    its block closes); they come back as tool calls whose arguments validate, streamed alike."""
+    for seed in SEEDS:
+        body = dict(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                    max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
+        choice = coder_app.chat.completions.create(**body).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        _check_calls(choice.message.tool_calls)
+        deltas = [delta for chunk in coder_app.chat.completions.create(stream=True, **body) if chunk.choices
+                  for delta in chunk.choices[0].delta.tool_calls or []]
+        assert [d.function.arguments for d in deltas] == ["", choice.message.tool_calls[0].function.arguments]
+
+
 def test_tool_choice_none_leaves_the_tools_out(client):
     usage = {}
     for choice in ("none", "auto"):

@@ -300,6 +300,46 @@ def test_thinking_is_closed_after_its_budget(tokenizer):
     assert _accepts(tokenizer, roomy, " one two three four five six</think>\n\n42")
 
 
+CODER_SEARCH = {"name": "search", "parameters": {"type": "object", "properties": {
+    "query": {"type": "string", "maxLength": 12}, "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+    "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["query"], "additionalProperties": False}}
+PATTERNED = {"name": "lookup", "parameters": {"type": "object", "properties": {
+    "code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["code"]}}  # raw text cannot keep to it
+
+
+@pytest.mark.parametrize(("text", "accepted"), [
+    (xml_call("search", query="rain"), True),
+    (xml_call("search", query="two\nlines", limit="3", unit="celsius"), True),
+    (xml_call("search", query="rain", unit="fahrenheit"), True),  # an optional one left out
+    (xml_call("search", query="x" * 11), True),
+    (xml_call("search", query="x" * 12), False),  # past maxLength with the newline before </parameter>
+    (xml_call("search", limit="3", query="rain"), False),  # not in the schema's order
+    (xml_call("search", limit="3"), False),  # a required one missing
+    (xml_call("search", query="rain", limit="ten"), False),
+    (xml_call("search", query="rain", limit="51"), False),
+    (xml_call("search", query="rain", unit="kelvin"), False),
+    (xml_call("search", query="rain", page="2"), False),  # not one of its parameters
+    (call_text("search", {"query": "rain"}), False),  # this tool's calls are XML
+    (call_text("lookup", {"code": "ABC"}), True),  # a pattern: the JSON form
+    (call_text("lookup", {"code": "abc"}), False),
+    (xml_call("lookup", code="ABC"), False),
+])
+def test_with_a_coder_template_forced_calls_are_xml_where_the_schema_allows(tokenizer, text, accepted):
+    grammar = tool_call_grammar([CODER_SEARCH, PATTERNED], False, None, _has(tokenizer), xml=True)
+    assert _accepts(tokenizer, grammar, text) is accepted
+    if accepted:  # what the grammar admits parses as a call that fits its schema
+        content, calls = _split(text, [], {t["name"]: t["parameters"] for t in (CODER_SEARCH, PATTERNED)})
+        assert content == "" and len(calls) == 1
+
+
+def test_a_coder_template_makes_forced_calls_xml(model, monkeypatch):
+    forced = {"tools": TOOLS, "tool_choice": "required"}
+    assert '"<function=get_weather>' not in _prepare(model, **forced).sampling.grammar
+    monkeypatch.setattr(model.tokenizer, "chat_template",
+                        model.tokenizer.chat_template + "{#- Calls: <function=NAME><parameter=KEY>... -#}")
+    assert '"<function=get_weather>' in _prepare(model, **forced).sampling.grammar
+
+
 def test_without_tag_tokens_the_tags_are_text(tokenizer):
     grammar = tool_call_grammar([WEATHER], False, None, lambda tag: False)
     assert "<tool_call>" not in grammar.replace('"<tool_call>"', "")  # every tag is a quoted string
