@@ -388,7 +388,8 @@ _XML_TEXT = _NOTES | {"type", "enum", "maxLength"}
 def _xml_parameter(rule: str, key: str, schema: Any) -> list[str] | None:
     """The Lark rules of one parameter in the XML form, or None if the form cannot keep to its schema. Text
     (a string, or no type) is written as it is, up to </parameter>, as parse_xml_call reads it (one newline
-    at each end is not part of it, so maxLength bounds the text with them); any other type is JSON."""
+    at each end is not part of it, so maxLength bounds the text with them); any other type is JSON (whose
+    strings could still hold "</parameter>", which would end the value early: a call that then stays text)."""
     if not isinstance(schema, dict) or not re.fullmatch(r"[^>\n]+", key):
         return None
     opening = json.dumps(f"<parameter={key}>\n")
