@@ -560,12 +560,15 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class ReplyFormat:
     """How a chat reply is parsed (see tool_calls.py): `reasoning`, whether a thinking block goes to
-    reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the names of the
-    functions whose <tool_call> blocks become tool_calls (None: no parsing, as with tool_choice "none")."""
+    reasoning_content (thinking is on), and `opened`, whether the prompt opened it; `tools`, the functions
+    whose <tool_call> blocks become tool_calls, by name, with their parameters schema (None: no parsing, as
+    with tool_choice "none"), and `stream_arguments`, whether decoding is constrained to calls, so that their
+    arguments stream as they come."""
 
     reasoning: bool = False
     opened: bool = False
-    tools: tuple[str, ...] | None = None
+    tools: dict[str, dict[str, Any] | None] | None = None
+    stream_arguments: bool = False
 
 
 # Each parameter of OpenAI's that the server does not implement, with its values that ask for nothing.
@@ -619,8 +622,9 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
         raise ApiError(400, str(err), "chat_template_kwargs", "invalid_value") from err
     # Thinking is on unless the template was told otherwise; then Qwen3's templates pre-fill an empty block.
     thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools} if tools else None
     reply = ReplyFormat(reasoning=thinking, opened=thinking and tool_calls.prompt_opens_thinking(text),
-                        tools=tuple(t["function"]["name"] for t in tools) if tools else None)
+                        tools=schemas, stream_arguments=forced is not None)
     prompt = encode(text)
     params, asked_by = _constrained(model, body, params, forced, reply, len(prompt))
     return dataclasses.replace(_checked(model, prompt, params, "messages", asked_by), reply=reply)
@@ -638,6 +642,11 @@ def _offered_tools(body: ChatRequest) -> tuple[list[dict[str, Any]] | None, list
         raise ApiError(400, "tool_choice needs tools: send the tools it may call", "tool_choice", "invalid_value")
     if choice == "none" or not functions:
         return None, None
+    for function in functions:  # a call's arguments are checked against them
+        try:
+            tool_calls.parameters_validator(function.get("parameters"))
+        except ValueError as err:
+            raise ApiError(400, f"tools: the function {function['name']!r}: {err}", "tools", "invalid_value") from err
     offered = [{"type": "function", "function": f} for f in functions]
     if choice == "required":
         return offered, functions
@@ -673,7 +682,9 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, forced
 
     if forced is not None:
         several = body.tool_choice == "required" and body.parallel_tool_calls
-        param, constraint = "tools", {"grammar": tool_calls.tool_call_grammar(forced, several, thinking, has_token)}
+        xml = "<function=" in (model.tokenizer.chat_template or "")  # Qwen3-Coder's template asks for XML calls
+        param = "tools"
+        constraint = {"grammar": tool_calls.tool_call_grammar(forced, several, thinking, has_token, xml)}
     else:
         schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else {"type": "object"}
         param = "response_format"
@@ -887,21 +898,17 @@ async def _sse(shape: _Shape, job: Job, include_usage: bool) -> AsyncIterator[st
             if not shape.chat:
                 if event.text or event.logprobs is not None:
                     yield data(shape.chunk(event.text, None, include_usage, event))
-            else:  # the text parsed as it comes: reasoning, content, and each tool call once it is complete
+            else:  # the text parsed as it comes: reasoning, content, and tool calls as OpenAI streams them
                 for final in (False, True) if event.finish_reason is not None else (False,):
-                    reasoning, content, new_calls = parser.feed("" if final else event.text, final)
+                    reasoning, content, call_deltas = parser.feed("" if final else event.text, final)
                     delta = {"reasoning_content": reasoning} if reasoning else {}
                     delta |= {"content": content} if content else {}
                     with_logprobs = not final and event.logprobs is not None
                     if delta or with_logprobs:
                         yield data(shape.chunk(delta, None, include_usage, event if with_logprobs else None))
-                    for call in new_calls:  # OpenAI's way: the call's head, then its arguments
-                        head = call.openai() | {"index": calls}
-                        head["function"] = {"name": call.name, "arguments": ""}
-                        yield data(shape.chunk({"tool_calls": [head]}, None, include_usage))
-                        yield data(shape.chunk({"tool_calls": [{"index": calls, "function": {
-                            "arguments": call.arguments}}]}, None, include_usage))
-                        calls += 1
+                    for call_delta in call_deltas:  # a call's id and name, then pieces of its arguments
+                        yield data(shape.chunk({"tool_calls": [call_delta.openai()]}, None, include_usage))
+                        calls += call_delta.call is not None
             if event.finish_reason is not None:
                 yield data(shape.chunk({} if shape.chat else "", shape.finish_reason(event.finish_reason, calls),
                                        include_usage))
@@ -930,7 +937,8 @@ class _Shape:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
     def parser(self) -> tool_calls.ReplyParser:
-        return tool_calls.ReplyParser(self.reply.reasoning, self.reply.opened, self.reply.tools)
+        return tool_calls.ReplyParser(self.reply.reasoning, self.reply.opened, self.reply.tools,
+                                      self.reply.stream_arguments)
 
     @staticmethod
     def finish_reason(reason: str | None, calls: int) -> str:
@@ -939,7 +947,8 @@ class _Shape:
 
     def message(self, text: str) -> tuple[dict[str, Any], int]:
         """The chat message of a whole reply, and how many tool calls it holds."""
-        reasoning, content, calls = self.parser().feed(text, final=True)
+        reasoning, content, call_deltas = self.parser().feed(text, final=True)
+        calls = tool_calls.joined(call_deltas)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if reasoning or calls else "")}
         if self.reply.reasoning:
             message["reasoning_content"] = reasoning or None

@@ -147,16 +147,21 @@ def test_required_tool_choice_yields_valid_calls(client):
 
 def test_required_parallel_calls_are_each_valid(client):
     """With parallel calls allowed the bundled model rarely stops calling: the calls completed before
-    max_tokens are tool_calls, the one cut off stays content."""
+    max_tokens are valid; one cut off after its name is a call too (its arguments streamed as they came),
+    with the arguments written so far, as OpenAI's are; one cut off before stays content."""
     for seed in SEEDS:
         reply = client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required",
                                                max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
         choice = reply.choices[0]
-        _check_calls(choice.message.tool_calls)
+        calls = choice.message.tool_calls
         if choice.finish_reason == "length":
             assert choice.message.content is None or choice.message.content.lstrip().startswith("<tool_call>")
+            if not _is_json(calls[-1].function.arguments):
+                calls, cut = calls[:-1], calls[-1]
+                assert cut.function.name in PARAMETERS and cut.function.arguments.startswith("{"), cut
         else:
             assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        _check_calls(calls)
 
 
 def test_a_named_function_is_the_one_called(client):
@@ -190,6 +195,24 @@ def test_streamed_tool_calls_arrive_as_openai_streams_them(client):
                                                  for c in whole]
 
 
+def test_a_forced_call_streams_its_arguments_in_pieces(client):
+    """As OpenAI streams a call: its id and name first (arguments ""), then its arguments in several deltas as
+    they are written, which join to the arguments of the same request not streamed."""
+    for seed in SEEDS:
+        body = dict(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                    max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
+        whole = client.chat.completions.create(**body).choices[0].message.tool_calls
+        deltas = [delta for chunk in client.chat.completions.create(stream=True, **body) if chunk.choices
+                  for delta in chunk.choices[0].delta.tool_calls or []]
+        head, pieces = deltas[0], deltas[1:]
+        assert head.id.startswith("call_") and head.function.name == whole[0].function.name
+        assert head.function.arguments == ""
+        assert len(pieces) > 1 and all(d.index == 0 and d.id is None and not d.function.name for d in pieces)
+        arguments = "".join(d.function.arguments for d in pieces)
+        assert arguments == whole[0].function.arguments
+        jsonschema.validate(json.loads(arguments), PARAMETERS[head.function.name])
+
+
 def test_thinking_then_a_forced_call_streamed_and_whole(client):
     """Thinking on: the bundled model opens a thinking block it never closes by itself; the grammar closes it
     after half of max_tokens, and the call follows. The thinking is reasoning_content, the call a tool call,
@@ -210,6 +233,33 @@ def test_thinking_then_a_forced_call_streamed_and_whole(client):
     assert arguments == whole.message.tool_calls[0].function.arguments
 
 
+@pytest.fixture(scope="module")
+def coder_app():
+    """An in-process server whose chat template asks for Qwen3-Coder's XML calls (it mentions <function=)."""
+    from fastapi.testclient import TestClient
+
+    from qwen3moe_jax.server import create_app
+
+    model = qj.load(progress=False, max_seq_len=512)
+    model.tokenizer.chat_template += "{#- Qwen3-Coder writes calls as <function=NAME><parameter=KEY>... -#}"
+    with TestClient(create_app(model, MODEL)) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def test_forced_calls_in_qwen3_coder_form_are_valid_calls(coder_app):
+    """The grammar writes the calls in the XML form (a call's arguments then go out whole, in one delta, once
+    its block closes); they come back as tool calls whose arguments validate, streamed alike."""
+    for seed in SEEDS:
+        body = dict(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                    max_tokens=120, temperature=1, seed=seed, extra_body=NO_THINKING)
+        choice = coder_app.chat.completions.create(**body).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        _check_calls(choice.message.tool_calls)
+        deltas = [delta for chunk in coder_app.chat.completions.create(stream=True, **body) if chunk.choices
+                  for delta in chunk.choices[0].delta.tool_calls or []]
+        assert [d.function.arguments for d in deltas] == ["", choice.message.tool_calls[0].function.arguments]
+
+
 def test_tool_choice_none_leaves_the_tools_out(client):
     usage = {}
     for choice in ("none", "auto"):
@@ -222,9 +272,12 @@ def test_tool_choice_none_leaves_the_tools_out(client):
 
 
 def test_multi_turn_tool_use_goes_back_through_the_template(client):
+    # One call, which fits max_tokens (a call cut off has arguments that are not JSON, which no turn may send).
     first = client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required",
-                                           max_tokens=120, temperature=1, seed=1, extra_body=NO_THINKING)
+                                           parallel_tool_calls=False, max_tokens=120, temperature=1, seed=1,
+                                           extra_body=NO_THINKING)
     message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls"
     history = [*WEATHER_ASK, message.model_dump(exclude_none=True),  # content null, arguments as JSON text
                *({"role": "tool", "tool_call_id": call.id, "content": "18 C"} for call in message.tool_calls)]
     second = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=4,
