@@ -123,7 +123,9 @@ def kernel_bench(config: ModelConfig, dtype: str, sizes: list[int], repeats: int
     results = []
     for kernel in MOE_KERNELS:
         if kernel == "cpu" and choose_moe_kernel("auto", 1, config.num_experts, params.gate) != "cpu":
-            continue  # the C++ kernel runs only where "auto" would take it: float32 weights on the CPU backend
+            results += [KernelResult(kernel, kernel, tokens, None, None, None, "not run: float32 weights on the CPU "
+                                     "backend only") for tokens in sizes]
+            continue
         cfg = config.replace(moe_kernel=kernel)
         step = jax.jit(moe_local, static_argnames="config")
         for tokens in sizes:

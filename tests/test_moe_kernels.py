@@ -43,7 +43,7 @@ def test_auto_is_never_ragged_dot_off_tpu(monkeypatch, backend, pairs, expected)
 
 
 def test_auto_takes_the_cpu_kernel_for_float32_decode_on_the_cpu():
-    """The C++ kernel (cpu_moe.py) where it applies: a decode step's pairs, float32 weights, the CPU backend."""
+    """The C++ kernel (cpu_kernels.py) where it applies: a decode step's pairs, float32 weights, the CPU backend."""
     f32, bf16 = (jax.ShapeDtypeStruct((128, 64, 32), dtype) for dtype in (jnp.float32, jnp.bfloat16))
     assert choose_moe_kernel("auto", 8, 128, f32) == "cpu"
     assert choose_moe_kernel("auto", 8, 128, bf16) == "gather"
@@ -68,7 +68,7 @@ def test_without_a_compiler_auto_falls_back_to_the_gather_and_cpu_is_refused(tmp
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "refused: moe_kernel 'cpu' cannot run here: no C++ compiler found" in done.stdout
-    assert "The CPU MoE kernel is not available, the gather kernel runs instead" in done.stderr
+    assert "The CPU decode kernels are not available, XLA's own ops run instead" in done.stderr
 
 
 @pytest.fixture(scope="module")
