@@ -34,7 +34,7 @@ from qwen3moe_jax.errors import ConfigError
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("qwen3moe_cpu_matmul", "qwen3moe_cpu_experts_swiglu")
 # `matmul` takes products of at most this many rows (a decode step's: more rows are a GEMM, which XLA does well) by
-# weights of at most this many bytes. XLA's dot streams a large matrix well (lm_head, 16 MB: 22 GB/s on 2 cores)
+# weights of at most this many bytes. XLA's dot streams a large matrix well (lm_head, 16 MB: 22-35 GB/s on 2 cores)
 # but a small one poorly (attention's 0.25-1 MB: 11-15 GB/s, ~1.5x slower than this kernel).
 MATMUL_MAX_ROWS, MATMUL_MAX_WEIGHT_BYTES = 16, 4 << 20
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")  # portable: no -march, the library runs on any CPU of its kind
@@ -82,7 +82,7 @@ def _registered() -> str | None:
         errors = [line for line in e.stderr.splitlines() if "error" in line] or e.stderr.splitlines()[-5:]
         return f"compiling {SOURCE.name} failed: " + "\n".join(errors[:10])
     except OSError as e:
-        return f"loading the compiled kernel failed: {e}"
+        return f"building or loading {SOURCE.name} failed: {e}"
     for target in TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return None

@@ -5,7 +5,6 @@ temporary memory that does not grow with tokens x experts (XLA's memory analysis
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -91,7 +90,8 @@ def test_a_decode_step_reads_only_the_chosen_experts(kernel, expert_blocks_8_and
     with 8, the same widths (2048 x 768) and k. Reading every expert's weights, as ragged_dot's lowerings do, costs
     16x the bytes (measured here for ragged: 7-11x). The pallas kernel does not claim this off GPU: Pallas'
     interpreter carries each whole operand through its grid loop.
-    Timed interleaved (8, 128, 8, 128, ...) and compared by medians, so load from other processes hits both."""
+    Timed interleaved (8, 128, 8, 128, ...) and compared by the fastest of 9 rounds each: load from other processes
+    hits both and only ever adds time (medians of 5 once gave the gather 3.2x on a quiet CI run, 0.6x otherwise)."""
     x = jax.random.normal(jax.random.key(1), (1, 1, HIDDEN))
     steps = {}
     for experts, params in expert_blocks_8_and_128.items():
@@ -99,12 +99,12 @@ def test_a_decode_step_reads_only_the_chosen_experts(kernel, expert_blocks_8_and
         step(params, x)[0].block_until_ready()  # compile
         steps[experts] = (step, params)
     times: dict[int, list[float]] = {8: [], 128: []}
-    for _ in range(5):
+    for _ in range(9):
         for experts, (step, params) in steps.items():
             start = time.perf_counter()
             step(params, x)[0].block_until_ready()
             times[experts].append(time.perf_counter() - start)
-    ratio = statistics.median(times[128]) / statistics.median(times[8])
+    ratio = min(times[128]) / min(times[8])
     print(f"{kernel}: decode MoE block, 128 experts / 8 experts = {ratio:.2f}")
     assert ratio <= 3
 
