@@ -115,9 +115,10 @@ def place(array: Any, axes: Sequence[str | None], mesh: Mesh | None) -> Any:
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
     """Host values (numpy or single-device arrays) as arrays replicated over the mesh: a step's small
     inputs (tokens, positions, sampler settings), identical on every process under multi-host. Without a
-    mesh, device arrays on the default device."""
+    mesh, device arrays on the default device, by one device_put of the whole tree: tens of microseconds a
+    decode step, where jnp.asarray per value cost ~0.15 ms each (it dispatches a conversion)."""
     if mesh is None:
-        return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree)
 
     def one(a: Any) -> jax.Array:
         if jax.dtypes.issubdtype(getattr(a, "dtype", None), jax.dtypes.prng_key):  # rng keys travel as their bits
