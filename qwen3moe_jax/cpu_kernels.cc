@@ -72,8 +72,9 @@ using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
 int64_t Slices(int64_t width, int64_t slice) { return (width + slice - 1) / slice; }
 
-// A task: kMatmulRows whole rows of w (a contiguous block, read once for all M rows of x) times the matching
-// columns of x, into that block's partial output [M, N]; the blocks' partials are added in block order.
+// A task: kMatmulRows whole rows of w (a contiguous block, from memory for the first row of x and from cache for
+// the others) times the matching columns of x, into that block's partial output [M, N]; the blocks' partials are
+// added in block order.
 constexpr int64_t kMatmulRows = 64;
 
 ffi::Error Matmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResult out) {
