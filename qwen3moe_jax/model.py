@@ -428,8 +428,8 @@ def check_moe_kernel(name: str, dtype: Any = None) -> str:
         if np.dtype(dtype) != np.float32 or jax.default_backend() != "cpu":
             raise ConfigError("moe_kernel 'cpu' multiplies float32 expert weights on the CPU backend: use 'auto' "
                               f"or 'gather' (here dtype {np.dtype(dtype).name}, backend {jax.default_backend()})")
-        if not cpu_kernels.available():
-            raise ConfigError(f"moe_kernel 'cpu' cannot run here: {cpu_kernels.why_unavailable()}")
+        if (reason := cpu_kernels.why_unavailable()) is not None:  # refused, so no "XLA's ops run instead" warning
+            raise ConfigError(f"moe_kernel 'cpu' cannot run here: {reason}")
     return name
 
 
