@@ -2,31 +2,33 @@
 llguidance (the grammar engine behind llama.cpp's and vLLM's structured outputs; no torch needed).
 
 Each constrained request holds a `Constraint`: an llguidance matcher that follows the tokens the request has
-accepted and gives, before each step, the set of tokens that keep the output matching. The set travels to the
+taken and gives, before each step, the set of tokens that keep the output matching. The set travels to the
 jit step as a packed bitmask (32 token ids per int32 word, `mask_words` per row), an input like any other, so a
-new schema never compiles anything; an unconstrained row's words are all ones (ALL_ALLOWED).
+new schema never compiles anything; an unconstrained row's words are all ones (ALL_ALLOWED). Where the grammar
+allows only one way on (a JSON key and its quotes, say), llguidance gives the token ("fast-forward" tokens):
+the step takes it as it is instead of sampling.
 
-Where the grammar allows only one way on (a JSON key and its quotes, say), llguidance gives those tokens
-("fast-forward" tokens): a block takes them as they are instead of sampling, and samples from the step after.
+A decode block of several steps needs each step's mask before the step samples, and the mask depends on the
+token sampled just before. So the block hands each step's tokens to the host as soon as they are sampled
+(`BlockGrammar`, called from inside the jit step): each constrained row's Constraint takes its token and works
+out the next step's mask or forced token, while the device runs the next step's forward pass, which does not
+need it. The work after a block's last step is the first step's of the next block, which the host passes in
+with the block's inputs. So every token is sampled under its own state's mask, as with one step per call, and
+is taken (checked, and the structure's completion known) before the scheduler delivers it.
 
-How the mask combines with sampling (sampling.sample): the draw is the Gumbel-max draw of the unconstrained
-sampler restricted to the allowed tokens (greedy: the most likely allowed token). So a draw under a larger set
-of tokens that lands in the allowed set is exactly the draw under the allowed set. The scheduler relies on
-this to keep several decode steps per device call: the sampled steps of a block all use the mask of its first
-sampled step's state, and on the host each later token is kept while it is allowed in its own state and that
-state's allowed tokens all were in the block's mask (inside a JSON string, say); from the first that fails, the
-row goes back and redoes that step in the next block. The tokens are the same as with each state's own mask
-at every step (tests/test_constraints.py).
+On the CPU backend the call is cpu_kernels.host_step; elsewhere (GPU, TPU, a mesh) JAX's io_callback, which runs
+on one device (on several hosts, on process 0, which holds the requests).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
 import numpy as np
 
-from qwen3moe_jax.errors import ConstraintError, SamplingError
+from qwen3moe_jax.errors import ConstraintError
 
 ALL_ALLOWED = -1  # an int32 word with every bit set: all 32 of its tokens allowed
 # JSON is written as Python's json.dumps and Qwen3's chat template write it ({"a": 1, "b": [2, 3]}), with no
@@ -97,52 +99,66 @@ class Grammars:
 
 
 class Constraint:
-    """One request's grammar state: which tokens may come next, and the tokens it has taken."""
+    """One request's grammar state. It takes the request's tokens in order (`take`), possibly ahead of their
+    delivery (inside a decode block), and keeps for each what delivering it must know (`taken`): whether the
+    grammar refused it, and whether it completed the structure. After each token taken it works out what the
+    next step may sample: `next_forced`, a token the grammar forces (-1: none), else `next_mask`."""
 
     def __init__(self, matcher: Any, vocab_size: int):
         self.matcher = matcher
         self.words = mask_words(vocab_size)
-        self._mask: np.ndarray | None = None  # the mask of the current state, once computed
-        self._forced = 0  # forced tokens the matcher has taken that the request has not delivered yet
-
-    def plan(self, steps: int) -> tuple[list[int], np.ndarray]:
-        """For a block of `steps` steps: the tokens the grammar forces next (at most `steps`, taken by the matcher
-        now; `forced_taken` delivers each), and the mask of the state after them, which the rest samples under."""
-        forced = self.matcher.compute_ff_tokens()[:steps]
-        for token in forced:
-            if not self.matcher.consume_token(token):
-                raise SamplingError(f"the grammar refused a token it forced: {self.error()}")
-        if forced:
-            self._mask, self._forced = None, len(forced)
-        return forced, self.mask()
-
-    def forced_taken(self) -> None:
-        self._forced -= 1
+        self._outcomes: collections.deque[tuple[str | None, bool]] = collections.deque()
+        self.next_forced, self.next_mask = -1, np.full(self.words, ALL_ALLOWED, np.int32)
 
     def mask(self) -> np.ndarray:
         """The allowed next tokens as int32 words [mask_words] (bit t % 32 of word t // 32)."""
-        if self._mask is None:
-            self._mask = np.empty(self.words, np.int32)
-            self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        return self._mask
+        mask = np.empty(self.words, np.int32)
+        self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        return mask
 
-    def accept(self, token: int, drawn_under: np.ndarray | None = None) -> bool:
-        """Take `token` (True), drawn under the mask `drawn_under` (None: under this state's own mask), if it
-        is the token a draw under this state's mask gives: it is allowed, and every allowed token was in
-        `drawn_under` too (sampling.sample). Otherwise change nothing (False). The mask decides, not the
-        matcher's consume check, which also takes some tokens its mask leaves out (non-canonical ones)."""
-        mask = self.mask()
-        if not 0 <= token < self.words * 32 or not mask[token >> 5] >> (token & 31) & 1:
-            return False
-        if drawn_under is not None and np.any(mask & ~drawn_under):
-            return False
-        self._mask = None
-        return self.matcher.consume_token(token)
+    def take(self, token: int) -> bool:
+        """Advance past `token`, the request's next token, and work out the step after it (`next_forced`, else
+        `next_mask`; the mask is left as it was when a token is forced). False (and the matcher stays) if the
+        grammar refuses the token, which one sampled under the state's mask never is (a -1 for NaN logits is)."""
+        ok = 0 <= token < self.words * 32 and self.matcher.consume_token(token)
+        self._outcomes.append((None if ok else self.matcher.get_error() or f"token {token} is not allowed here",
+                               ok and self.matcher.is_stopped()))
+        if ok:
+            forced = self.matcher.compute_ff_tokens()
+            self.next_forced = forced[0] if forced else -1
+            if not forced:
+                self.matcher.unsafe_compute_mask_ptr(self.next_mask.ctypes.data, self.next_mask.nbytes)
+        return ok
 
-    def error(self) -> str:
-        return self.matcher.get_error()
+    def taken(self) -> tuple[str | None, bool]:
+        """For the oldest token taken and not yet delivered: (why the grammar refused it, or None; whether the
+        structure is complete with it: nothing but the end may follow)."""
+        return self._outcomes.popleft()
 
-    @property
-    def complete(self) -> bool:
-        """The structure is complete with the tokens delivered: nothing but the end may follow."""
-        return self._forced == 0 and self.matcher.is_stopped()
+
+class BlockGrammar:
+    """The host side of the constrained rows of a decode block, which engine.decode_block calls after each step:
+    `rows` holds each row's Constraint (None: free), set by the scheduler before the block. `fill` makes each
+    constrained row's Constraint take the token its row sampled and writes the next step's forced tokens (-1:
+    none) and masks; calling the object does the same into new arrays (the form of jax's io_callback)."""
+
+    def __init__(self, rows: int, vocab_size: int, sharding: Any = None):
+        self.rows: list[Constraint | None] = [None] * rows
+        self.words = mask_words(vocab_size)
+        self.sharding = sharding  # the device an io_callback runs on: process 0's, on a multi-process mesh
+        self.host_step: int | None = None  # its number with cpu_kernels.host_step, where that calls it instead
+
+    def fill(self, tokens: np.ndarray, forced: np.ndarray, masks: np.ndarray) -> None:
+        forced.fill(-1)
+        masks.fill(ALL_ALLOWED)
+        for b, constraint in enumerate(self.rows):
+            # A token the grammar refuses is recorded for its delivery, which ends the request with the reason.
+            if constraint is not None and constraint.take(int(tokens[b])):
+                forced[b] = constraint.next_forced
+                if forced[b] < 0:
+                    masks[b] = constraint.next_mask
+
+    def __call__(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        forced, masks = np.empty(len(self.rows), np.int32), np.empty((len(self.rows), self.words), np.int32)
+        self.fill(np.asarray(tokens), forced, masks)
+        return forced, masks

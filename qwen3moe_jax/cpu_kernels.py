@@ -1,6 +1,8 @@
 """C++ kernels for the float32 matrix-vector products of a decode step on the CPU backend (cpu_kernels.cc), called
 through XLA's FFI: `matmul`, a few rows times a weight matrix (model.einsum takes it for decode-sized products), and
-`experts_swiglu`, the "cpu" MoE kernel (MOE_KERNELS in model.py; "auto" takes it for float32 decode steps).
+`experts_swiglu`, the "cpu" MoE kernel (MOE_KERNELS in model.py; "auto" takes it for float32 decode steps). Also
+`host_step`, a call from inside a jit step to a Python function (the grammar of a constrained decode step,
+engine.decode_block), at a fifth of the cost of jax.pure_callback / io_callback on 2 cores.
 
 XLA:CPU copies gathered expert weights before multiplying them, and streams a small weight matrix through its
 products at about a third of memory speed; on 2 cores the expert copies alone were 36-43% of a decode step. These
@@ -24,15 +26,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen3moe_jax.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
-TARGETS = ("qwen3moe_cpu_matmul", "qwen3moe_cpu_experts_swiglu")
+TARGETS = ("qwen3moe_cpu_matmul", "qwen3moe_cpu_experts_swiglu", "qwen3moe_cpu_host_step")
 # `matmul` takes products of at most this many rows (a decode step's: more rows are a GEMM, which XLA does well) by
 # weights of at most this many bytes. XLA's dot streams a large matrix well (lm_head, 16 MB: 22-35 GB/s on 2 cores)
 # but a small one poorly (attention's 0.25-1 MB: 11-15 GB/s, ~1.5x slower than this kernel).
@@ -85,6 +90,9 @@ def _registered() -> str | None:
         return f"building or loading {SOURCE.name} failed: {e}"
     for target in TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    library.qwen3moe_set_host_step.argtypes = [_HostStep, ctypes.c_void_p, ctypes.c_void_p]
+    library.qwen3moe_set_host_step(_HOST_STEP, ctypes.cast(ctypes.pythonapi.PyGILState_Ensure, ctypes.c_void_p),
+                                   ctypes.cast(ctypes.pythonapi.PyEval_SaveThread, ctypes.c_void_p))
     return None
 
 
@@ -146,3 +154,51 @@ def experts_swiglu(gate: jax.Array, up: jax.Array, down: jax.Array, rows: jax.Ar
     """SwiGLU of each row [M, E] by its own expert's float32 weights (gate / up [X, E, F], down [X, F, E]),
     row_expert [M] in any order; rows whose expert id is X or more come out zero. CPU backend only."""
     return _call("qwen3moe_cpu_experts_swiglu", rows.shape, rows, row_expert.astype(jnp.int32), gate, up, down)
+
+
+# host_step: the C side calls _run_host_step (a ctypes callback: it takes the GIL itself, from XLA's threads), which
+# runs the function registered under the call's number on NumPy views of the call's buffers.
+_HostStep = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p)
+HostFill = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+_host_steps: dict[int, weakref.WeakMethod] = {}
+
+
+def register_host_step(fill: HostFill) -> int:
+    """Number a bound method fill(tokens [B], forced [B], masks [B, W]) (int32 arrays; it writes forced and masks)
+    for `host_step`; it is held weakly, so registering does not keep its object alive."""
+    number = len(_host_steps)
+    _host_steps[number] = weakref.WeakMethod(fill)
+    return number
+
+
+def host_step(number: int, tokens: jax.Array, words: int) -> tuple[jax.Array, jax.Array]:
+    """Inside a jit step on the CPU backend: (forced [B], masks [B, words]) as the function registered under
+    `number` fills them from tokens [B]. A failure there fails the step.
+
+    The call changes host state, but is not marked as having a side effect: that would make JAX dispatch the
+    whole step by its slow path (~2 ms a call here). XLA could then merge two calls with the same operands or drop
+    one whose results go unused; a decode block's calls each take a different step's tokens and their results
+    are used, so neither happens."""
+    B = tokens.shape[0]
+    return jax.ffi.ffi_call("qwen3moe_cpu_host_step", (jax.ShapeDtypeStruct((B,), jnp.int32),
+                                                       jax.ShapeDtypeStruct((B, words), jnp.int32)))(
+        tokens.astype(jnp.int32), grammar=np.int64(number))
+
+
+def _run_host_step(number: int, rows: int, words: int, tokens: int, forced: int, masks: int) -> int:
+    def view(address: int, shape: tuple[int, ...]) -> np.ndarray:
+        return np.frombuffer((ctypes.c_int32 * math.prod(shape)).from_address(address), np.int32).reshape(shape)
+
+    try:
+        fill = _host_steps[number]()
+        if fill is None:
+            raise RuntimeError(f"host step {number} belongs to an object that is gone")
+        fill(view(tokens, (rows,)), view(forced, (rows,)), view(masks, (rows, words)))
+        return 0
+    except Exception:  # nothing may propagate into C: log it, and the C side fails the step
+        log.exception("the host step of a decode step failed")
+        return 1
+
+
+_HOST_STEP = _HostStep(_run_host_step)  # kept alive here: the library holds its address

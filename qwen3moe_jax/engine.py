@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental import io_callback
 
+from qwen3moe_jax import cpu_kernels
 from qwen3moe_jax.cache import KVCache
 from qwen3moe_jax.config import ModelConfig
-from qwen3moe_jax.constraints import unconstrained_mask
+from qwen3moe_jax.constraints import BlockGrammar, unconstrained_mask
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import Params, forward, lm_logits
 from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample, token_logprobs, unpack_mask
@@ -78,9 +80,9 @@ class StepTokens(NamedTuple):
 
 
 def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array,
-                 logprobs: jax.Array, allowed: jax.Array, forced: jax.Array | None = None) -> StepTokens:
+                 logprobs: jax.Array, allowed: jax.Array | None, forced: jax.Array | None = None) -> StepTokens:
     # NaN logits cannot raise inside jit: mark the row with -1 and let the host raise.
-    allowed = unpack_mask(allowed, logits.shape[-1])
+    allowed = None if allowed is None else unpack_mask(allowed, logits.shape[-1])
     token = jnp.where(jnp.isnan(logits).any(-1), -1, sample(logits, sampler, history, length, allowed))
     if forced is not None:  # a token the row's grammar forces: taken as is (its logprobs are still the model's)
         token = jnp.where(forced >= 0, forced, token)
@@ -132,36 +134,46 @@ def prefill_chunk(
     return StepTokens(*(a[None] for a in out)), Slots(cache, put(slots.history, history), next_token)
 
 
-@partial(jax.jit, static_argnames=("config", "window", "steps"), donate_argnames="slots")
+def _grammar_step(grammar: BlockGrammar, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(forced [B], masks [B, W]) of the next step from the host's grammar, which first takes the tokens [B]."""
+    if grammar.host_step is not None:  # the CPU backend: our FFI call, a fraction of JAX's host callbacks' cost
+        return cpu_kernels.host_step(grammar.host_step, tokens, grammar.words)
+    B = tokens.shape[0]
+    shapes = (jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B, grammar.words), jnp.int32))
+    return io_callback(grammar, shapes, tokens, sharding=grammar.sharding)
+
+
+@partial(jax.jit, static_argnames=("config", "window", "steps", "grammar"), donate_argnames="slots")
 def decode_block(
     params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
-    logprobs: jax.Array, allowed: jax.Array, feed: jax.Array, forced: jax.Array, config: ModelConfig, window: int,
-    steps: int,
-) -> tuple[StepTokens, Slots]:
+    logprobs: jax.Array, allowed: jax.Array, forced: jax.Array, config: ModelConfig, window: int, steps: int,
+    grammar: BlockGrammar | None = None,
+) -> tuple[StepTokens, Slots, Any]:
     """`steps` decode steps of every row: row b feeds its next_token at positions[b], positions[b] + 1, ...
     (all below `window` for the steps whose results are used). Rows not `active` are parked at the cache
-    length S: their cache, history and next_token stay as they were. Every step samples among the tokens
-    `allowed` [B, W] (a bitmask: a constrained row's mask at the block's start, which the host checks the later
-    steps against), except where forced [B, steps] holds a token (>= 0), which is taken instead of a draw (the
-    tokens a row's grammar forces). A row whose feed[b] >= 0 feeds that token first instead of its next_token
-    (a constrained row whose last block was cut short goes back to it). Returns StepTokens [steps, B]."""
+    length S: their cache, history and next_token stay as they were. The first step samples among the tokens
+    `allowed` [B, W] (a bitmask), except where forced [B] holds a token (>= 0), which is taken instead of a draw
+    (a token a row's grammar forces). With a `grammar` (constraints.BlockGrammar: the constrained rows, on the
+    host), each step's tokens go to it as soon as they are sampled, and it gives the next step's masks and forced
+    tokens, while the device runs the next step's forward pass, which does not need them; without one, the later
+    steps sample unconstrained. Returns StepTokens [steps, B], the state, and the grammar's answer after the last
+    step (None without one): the host keeps that answer itself, for the next block; returning it keeps XLA
+    from dropping the call."""
     S = slots.history.shape[1]
     rows = jnp.arange(positions.shape[0])
-    slots = slots.replace(next_token=jnp.where(active & (feed >= 0), feed, slots.next_token))
-
-    def step(slots: Slots, xs: tuple[jax.Array, jax.Array]) -> tuple[Slots, StepTokens]:
-        i, forced_i = xs
+    outs = []
+    # A Python loop, unrolled: XLA:CPU ran a rolled lax.scan body at half the speed of the same step (measured).
+    for i in range(steps):
         pos = jnp.where(active, positions + i, S)
         history = slots.history.at[rows, pos].set(slots.next_token, mode="drop")
         hidden, cache, _ = forward(params, slots.next_token[:, None], pos, slots.cache, config, window)
         logits = constrain(lm_logits(params, hidden[:, 0]), (None, None))
-        out = _sample_step(logits, sampler, history, pos + 1, logprobs, allowed, forced_i)
+        out = _sample_step(logits, sampler, history, pos + 1, logprobs, allowed, forced)
+        forced, allowed = _grammar_step(grammar, out.token) if grammar else (None, None)
         next_token = jnp.where(active, jnp.maximum(out.token, 0), slots.next_token)
-        return Slots(cache, history, next_token), out
-
-    # Unrolled: XLA:CPU ran the rolled loop's body at half the speed of the same step outside a loop (measured).
-    slots, out = jax.lax.scan(step, slots, (jnp.arange(steps), forced.T), unroll=True)
-    return out, slots
+        slots = Slots(cache, history, next_token)
+        outs.append(out)
+    return StepTokens(*(jnp.stack(a) for a in zip(*outs, strict=True))), slots, grammar and (forced, allowed)
 
 
 @partial(jax.jit, static_argnames="config")
@@ -200,6 +212,12 @@ class Engine:
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
         self._constants: dict[tuple, jax.Array] = {}
+        # The constrained rows' grammar, which a decode block calls after each step. An io_callback runs on one
+        # device: on a multi-process mesh, one of process 0's, which holds the requests.
+        host = None if mesh is None else next(d for d in mesh.devices.flat if d.process_index == 0)
+        self.grammar = BlockGrammar(batch_size, config.vocab_size, host and jax.sharding.SingleDeviceSharding(host))
+        if mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available():
+            self.grammar.host_step = cpu_kernels.register_host_step(self.grammar.fill)
 
     @property
     def dtype(self) -> Any:
@@ -289,39 +307,38 @@ class Engine:
 
     def decode(self, positions: Sequence[int], active: Sequence[bool], logprobs: bool = False,
                window: int | None = None, allowed: Sequence[Sequence[int] | None] | None = None,
-               feed: Sequence[int] | None = None, forced: Sequence[Sequence[int]] | None = None,
-               steps: int | None = None) -> StepTokens:
-        """`steps` (None: decode_steps) steps of every row from `positions` (ignored where not `active`); the
-        attention window is the one the highest active row needs, unless given. allowed: per row, the
-        constraint words its steps sample under (None: anything); feed: per row, a token to feed first instead of
-        the row's next_token (-1: none); forced: per row, the tokens its first steps take instead of a draw."""
-        steps = steps or self.decode_steps
+               forced: Sequence[int] | None = None, constrained: bool = False) -> StepTokens:
+        """decode_steps steps of every row from `positions` (ignored where not `active`); the attention window is
+        the one the highest active row needs, unless given. allowed: per row, the constraint words its first step
+        samples under (None: anything); forced: per row, the token its first step takes instead of a draw (-1:
+        none). constrained: some row has a grammar, which `self.grammar` (the rows' Constraints, set by the caller
+        on process 0) applies to the later steps: a program of its own, compiled on first use."""
         positions = np.asarray(positions, np.int32)
         active = np.asarray(active, bool)
         if window is None:
             window = self.decode_window(int(positions[active].max()) if active.any() else 0)
-        if forced is not None:
-            tokens = np.full((self.batch_size, steps), -1, np.int32)
-            for b, row in enumerate(forced):
-                tokens[b, : len(row)] = row[:steps]
         B = self.batch_size
-        args = replicate((positions, active, np.bool_(logprobs)), self.mesh) + (
-            self._constant("mask", B) if allowed is None else replicate(self.token_mask(allowed), self.mesh),
-            self._constant("feed", B) if feed is None else replicate(np.asarray(feed, np.int32), self.mesh),
-            self._constant("forced", B, steps) if forced is None else replicate(tokens, self.mesh))
+        host = [positions, active, np.bool_(logprobs)]
+        if allowed is not None:
+            host.append(self.token_mask(allowed))
+        if forced is not None:
+            host.append(np.asarray(forced, np.int32))
+        args = replicate(host, self.mesh)  # one transfer of all that changes from block to block
+        mask = args[3] if allowed is not None else self._constant("mask", B)
+        tokens = args[-1] if forced is not None else self._constant("forced", B)
         with use_mesh(self.mesh):
-            out, self._slots = decode_block(self.params, self._take_state(), self.sampler(), *args, self.config,
-                                            window, steps)
+            out, self._slots, _ = decode_block(self.params, self._take_state(), self.sampler(), *args[:3], mask,
+                                               tokens, self.config, window, self.decode_steps,
+                                               self.grammar if constrained else None)
         return out
 
-    def _constant(self, name: str, rows: int, steps: int = 1) -> jax.Array:
+    def _constant(self, name: str, rows: int) -> jax.Array:
         """An input that asks for nothing, kept on the device (most steps have no constraint): "mask" (every
-        token allowed) [rows, W], "feed" (no token) [rows], "forced" (no token) [rows, steps]."""
-        key = (name, rows, steps)
+        token allowed) [rows, W], "forced" (no token) [rows]."""
+        key = (name, rows)
         if key not in self._constants:
             value = {"mask": lambda: unconstrained_mask(rows, self.config.vocab_size),
-                     "feed": lambda: np.full(rows, -1, np.int32),
-                     "forced": lambda: np.full((rows, steps), -1, np.int32)}[name]()
+                     "forced": lambda: np.full(rows, -1, np.int32)}[name]()
             self._constants[key] = replicate(value, self.mesh)
         return self._constants[key]
 

@@ -201,7 +201,7 @@ def sample(logits: jax.Array, state: SamplerState, history: jax.Array, length: j
     allowed [B, V] bool: the tokens a row's constraint allows next (all True or None: unconstrained). A row
     takes the most likely allowed token (greedy), or draws among the allowed tokens the filters keep, with the
     Gumbel noise of the unconstrained draw; when the filters keep none of them, the most likely allowed token.
-    So the draw under any set of allowed tokens that holds it is the same draw (constraints.py builds on it)."""
+    So the draw under any set of allowed tokens that holds it is the same draw."""
     logits = penalize_repeats(logits, history, length, state.repeat_penalty, state.repeat_last_n)
     if allowed is None:
         allowed = jnp.ones(logits.shape, bool)

@@ -9,12 +9,9 @@ Each request gets a row (a slot) of the engine's `max_batch` rows while it runs.
      the number of requests; rows without a decoding request are parked and left untouched).
 Each token goes through its request's RequestEvents (stop tokens and strings, max_tokens, on_token) in
 order; a request ends at the token that ends it, its later tokens of the block are dropped and its row is
-free for the next step. A constrained request (constraints.py) samples a block under its grammar's mask at
-the block's start; its later tokens are kept while each is the draw its own state's mask gives, and from the
-first that is not, the row goes back: the next block feeds the last kept token again, at its position. Since
-a refusal wastes the rest of the block, blocks run one step for a while after one (a backoff that doubles with
-each refusal and resets after a block without one), so a model that rarely follows the grammar by itself costs
-one-step blocks, and one that does keeps decode_steps.
+free for the next step. A constrained request's Constraint (constraints.py) takes each token before it is
+delivered, and works out the next step's mask: the decode block hands it its tokens as it runs
+(engine.grammar), and the prefill's is taken here.
 A request's tokens do not depend on the other rows: every step computes a row from that row alone, and
 sampling draws are keyed by (seed, position) (tests/test_scheduler.py).
 
@@ -42,8 +39,6 @@ from qwen3moe_jax.sampling import SamplingParams
 # The SamplingParams fields the device reads; stop strings and ids are the host's business.
 DEVICE_FIELDS = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed")
 DEFAULT_PREFILL_CHUNKS = 1
-# One-step blocks after a constraint refused a token: this many at first, doubling per refusal up to the most.
-SINGLE_STEP_BACKOFF = (4, 64)
 
 
 class QueueFull(Qwen3MoeError):
@@ -65,9 +60,6 @@ class Request:
     row: int | None = None
     prefilled: int = 0  # prompt tokens in the cache
     position: int = 0  # the position of the token the row feeds to its next decode step
-    feed: int = -1  # a token its next decode block feeds first (after a constraint cut the last block short)
-    single_steps: int = 0  # one-step blocks to run before trying decode_steps again (after a refusal)
-    backoff: int = SINGLE_STEP_BACKOFF[0]
     cancelled: bool = False
     finished: bool = False
     admitted: int = 0  # admission order
@@ -225,75 +217,56 @@ class Scheduler:
         if request.decoding:
             self.prompt_tokens += n
             request.position = n
-            self._take(request, _to_host(out, request.sampling.logprobs is not None), 0, 0)
+            out = _to_host(out, request.sampling.logprobs is not None)
+            if request.constraint is not None:
+                request.constraint.take(int(out.token[0, 0]))
+            self._take(request, out, 0, 0)
 
     def _decode(self) -> None:
         active = [r is not None and r.decoding for r in self.rows]
         requests = [r if a else None for r, a in zip(self.rows, active, strict=True)]
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
-        constrained = [r if r is not None and r.constraint else None for r in requests]
-        steps = 1 if any(r and r.single_steps for r in constrained) else self.engine.decode_steps
-        plans = [r.constraint.plan(steps) if r else ([], None) for r in constrained]
-        forced = [p[0] for p in plans]  # the tokens each row's grammar forces first
-        masks = [p[1] for p in plans]  # what each row's block samples under after them
+        constraints = [r.constraint if r is not None else None for r in requests]
+        constrained = any(c is not None for c in constraints)
+        self.engine.grammar.rows = constraints  # the block hands them its tokens, and they give the next masks
+        forced = [c.next_forced if c else -1 for c in constraints]  # the first step's, from the last token taken
         out = _to_host(self.call(
             "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
-            allowed=masks if any(constrained) else None,
-            feed=[r.feed if r else -1 for r in constrained] if any(r and r.feed >= 0 for r in constrained) else None,
-            forced=forced if any(forced) else None, steps=steps), logprobs)
+            allowed=[c.next_mask if c else None for c in constraints] if constrained else None,
+            forced=forced if any(t >= 0 for t in forced) else None, constrained=constrained), logprobs)
+        steps = out.token.shape[0]
         for b, request in enumerate(requests):
             if request is None:
                 continue
-            request.feed = -1
             for step in range(steps):
                 if request.finished:
                     break
-                if not self._take(request, out, step, b, masks[b], len(forced[b])):  # not its draw: redo it
-                    request.feed = int(out.token[step - 1, b])
-                    request.position += step
-                    request.single_steps, request.backoff = request.backoff, min(2 * request.backoff,
-                                                                                 SINGLE_STEP_BACKOFF[1])
-                    break
-            else:
-                request.position += steps
-                if steps == 1:
-                    request.single_steps = max(request.single_steps - 1, 0)
-                else:
-                    request.backoff = SINGLE_STEP_BACKOFF[0]
+                self._take(request, out, step, b)
+            request.position += steps
 
-    def _take(self, request: Request, out: StepTokens, step: int, col: int, mask: Any = None,
-              forced: int = 0) -> bool:
-        """Deliver the request's token of `step`, unless its constraint refuses it (False) as not the draw its
-        state's mask gives (the block forced its first `forced` steps, then sampled under `mask`). A token forced,
-        or sampled under its state's own mask (the first step after the forced ones, or a prefill), is never
-        refused."""
+    def _take(self, request: Request, out: StepTokens, step: int, col: int) -> None:
+        """Deliver the request's token of `step` (its constraint has taken it already)."""
         token = int(out.token[step, col])
+        refused, complete = request.constraint.taken() if request.constraint is not None else (None, False)
         if token < 0:
             self._end(request, SamplingError("the model produced NaN logits; the weights or inputs are broken"))
-            return True
-        if step < forced:
-            request.constraint.forced_taken()
-        elif request.constraint is not None and not request.constraint.accept(token, mask if step > forced else None):
-            if step > forced:
-                return False
-            self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask "
-                                             f"({request.constraint.error() or 'no tokens allowed'})"))
-            return True
+            return
+        if refused is not None:
+            self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask ({refused})"))
+            return
         n = request.sampling.logprobs
         logprobs = None if n is None else Logprobs(float(out.logprob[step, col]), tuple(
             (int(i), float(p)) for i, p in zip(out.top_ids[step, col, :n], out.top_logprob[step, col, :n],
                                                strict=True)))
         self.generated_tokens += 1
         try:
-            event = request.events.push(token, logprobs, complete=request.constraint is not None
-                                        and request.constraint.complete)
+            event = request.events.push(token, logprobs, complete=complete)
         except Exception as err:  # the request's own on_token callback failed: it alone ends
             self._end(request, err)
-            return True
+            return
         request.emit(event)
         if event.finish_reason is not None:
             self._end(request)
-        return True
 
     def _end(self, request: Request, error: BaseException | None = None) -> None:
         if request.finished:

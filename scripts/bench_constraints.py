@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""What a constraint (SamplingParams json_schema / regex) costs per token, against unconstrained decoding of
-the same prompts with the same settings, measured in the same run.
+"""What a constraint (SamplingParams json_schema / regex) costs per token: each constrained request against an
+unconstrained one of the same prompt, seed and length, run just after it.
 
-Each round runs every case once per seed, interleaved (so a busy machine slows all alike), and takes the
-decode tokens/s of each request (Usage.decode_tokens_per_s: tokens after the first over the time after the
-first, so prefill is not counted). Printed: the median per case over rounds and its ratio to unconstrained.
+A pair decodes the same number of tokens (the unconstrained request is cut at the constrained one's length,
+stop tokens off), so both run the same decode blocks, the last one as full as the other's: the difference is
+what the constraint adds to each token (llguidance's masks and the calls that carry them), not how a short
+answer fills its last block. The pairs of a round run back to back, a fraction of a second apart, so the load of
+a shared machine, which drifts over seconds, weighs on both alike. Rates are Usage.decode_tokens_per_s (tokens
+after the first over the time after the first: prefill is not counted). Printed per case: the medians of the
+constrained and the unconstrained rates, and the median over pairs of their ratio.
 
     python scripts/bench_constraints.py                     # bundled model, decode_steps 4 and 1
     python scripts/bench_constraints.py --decode-steps 4 --rounds 5 --json out.json
@@ -22,25 +26,34 @@ SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
     "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4}},
     "required": ["name", "age", "tags"]}
-CASES = {"unconstrained": {}, "json_schema": {"json_schema": SCHEMA}, "regex": {"regex": r"[a-z_]+(\.[a-z_]+)*\(\)"}}
+CASES = {"json_schema": {"json_schema": SCHEMA}, "regex": {"regex": r"[a-z_]+(\.[a-z_]+)*\(\)"}}
+PROMPT = "import os\n"
+MIN_TOKENS = 8  # a rate over fewer tokens is noise: such pairs are left out
 
 
 def measure(model: qj.Model, seeds: int, rounds: int, max_new_tokens: int) -> dict[str, dict]:
-    rates: dict[str, list[float]] = {case: [] for case in CASES}
+    pairs: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
     tokens: dict[str, int] = dict.fromkeys(CASES, 0)
     for extra in CASES.values():  # warm-up: compile and build the matchers' tokenizer once
-        model.complete("import os\n", sampling=qj.SamplingParams(max_new_tokens=8, **extra))
+        model.complete(PROMPT, sampling=qj.SamplingParams(max_new_tokens=8, **extra))
     for _ in range(rounds):
         for seed in range(seeds):
             for case, extra in CASES.items():
-                sampling = qj.SamplingParams(temperature=1.0, seed=seed, max_new_tokens=max_new_tokens, **extra)
-                done = model.complete("import os\n", sampling=sampling)
-                if len(done.token_ids) > 8:  # a rate over a handful of tokens is noise
-                    rates[case].append(done.usage.decode_tokens_per_s)
-                tokens[case] += len(done.token_ids)
-    base = statistics.median(rates["unconstrained"])
-    return {case: {"tokens_per_s": statistics.median(r), "vs_unconstrained": statistics.median(r) / base,
-                   "requests": len(r), "tokens": tokens[case]} for case, r in rates.items()}
+                sampling = qj.SamplingParams(temperature=1.0, seed=seed, max_new_tokens=max_new_tokens)
+                constrained = model.complete(PROMPT, sampling=qj.SamplingParams(**{**vars(sampling), **extra}))
+                n = len(constrained.token_ids)
+                tokens[case] += n
+                if n <= MIN_TOKENS:
+                    continue
+                free = model.complete(PROMPT, n, sampling, stop_token_ids=())
+                pairs[case].append((constrained.usage.decode_tokens_per_s, free.usage.decode_tokens_per_s))
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")  # every request too short to time
+
+    return {case: {"tokens_per_s": median([c for c, _ in p]), "unconstrained_tokens_per_s": median([f for _, f in p]),
+                   "vs_unconstrained": median([c / f for c, f in p]), "pairs": len(p), "tokens": tokens[case]}
+            for case, p in pairs.items()}
 
 
 def main() -> None:
@@ -57,8 +70,9 @@ def main() -> None:
         results[steps] = measure(model, args.seeds, args.rounds, args.max_new_tokens)
         print(f"bundled model, decode_steps {steps}, temperature 1, {args.seeds} seeds x {args.rounds} rounds")
         for case, r in results[steps].items():
-            print(f"  {case:14s} {r['tokens_per_s']:7.1f} tokens/s  {r['vs_unconstrained']:.2f}x  "
-                  f"({r['requests']} requests, {r['tokens']} tokens)")
+            print(f"  {case:12s} {r['tokens_per_s']:7.1f} tokens/s, unconstrained "
+                  f"{r['unconstrained_tokens_per_s']:7.1f}: {r['vs_unconstrained']:.2f}x  ({r['pairs']} pairs, "
+                  f"{r['tokens']} constrained tokens)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

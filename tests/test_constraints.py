@@ -1,7 +1,7 @@
 """Constrained decoding (issue 23.1): json_schema / regex / grammar outputs checked by independent validators
 (jsonschema, Python's re), the device mask checked step by step against llguidance's own mask and NumPy,
-several decode steps per call giving exactly the tokens of a mask at every step, batch invariance, no
-compilation per schema, and bad constraints refused up front."""
+several decode steps per call giving exactly the tokens of a mask at every step (through either host call),
+batch invariance, no compilation per schema, and bad constraints refused up front."""
 
 from __future__ import annotations
 
@@ -90,13 +90,28 @@ def test_each_masked_token_is_the_best_token_llguidance_allows(single_step):
     dict(temperature=1.2, top_p=0.9, repeat_penalty=1.3, seed=5),
 ], ids=["greedy", "t1", "top_k", "top_p_penalty"])
 def test_several_steps_per_call_give_the_tokens_of_a_mask_at_every_step(model, single_step, settings):
-    """decode_steps 4 masks only a block's first step and checks the rest on the host; decode_steps 1 masks
-    every step. The Gumbel-max draw makes both the same tokens (constraints.py)."""
+    """decode_steps 4 gets the masks of a block's later steps from the host while the block runs; decode_steps 1
+    gets every step's with its inputs. Both give the same tokens (constraints.py)."""
     for schema in (SCHEMA, {"type": "string", "pattern": "^[a-z ]{4,30}$"}):
         sampling = qj.SamplingParams(json_schema=schema, max_new_tokens=120, **settings)
         fast, slow = model.complete(PROMPT, sampling=sampling), single_step.complete(PROMPT, sampling=sampling)
         assert fast.token_ids == slow.token_ids
         jsonschema.validate(json.loads(fast.text), schema)
+
+
+def test_the_io_callback_path_gives_the_tokens_of_the_cpu_host_step(model):
+    """Where cpu_kernels.host_step cannot run (GPU, TPU, a mesh), the block calls its grammar through JAX's
+    io_callback: the same tokens. On the CPU, with the kernels built, it takes host_step."""
+    from qwen3moe_jax import cpu_kernels
+
+    assert (model.engine.grammar.host_step is not None) == cpu_kernels.available()
+    other = qj.load(progress=False, max_batch=3)
+    other.engine.grammar.host_step = None  # before its first constrained block compiles
+    for schema in (SCHEMA, {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 50}}):
+        sampling = qj.SamplingParams(json_schema=schema, temperature=1.0, seed=3, max_new_tokens=80)
+        done = other.complete(PROMPT, sampling=sampling)
+        assert done.token_ids == model.complete(PROMPT, sampling=sampling).token_ids
+        jsonschema.validate(json.loads(done.text), schema)
 
 
 def test_constrained_and_free_requests_batch_without_changing_each_other(model):
@@ -157,3 +172,21 @@ def test_a_model_without_tokenizer_refuses_constraints():
 
 def test_llguidance_is_the_engine():  # the constraint machinery is llguidance's, not ours
     assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(SCHEMA)) == ""
+
+
+def test_the_cost_benchmark_pairs_each_constrained_request_with_an_unconstrained_one_of_its_length(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "bench_constraints.py"
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(script), "--decode-steps", "2", "--seeds", "2", "--rounds", "1",
+                           "--max-new-tokens", "24", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())["2"]
+    for case in ("json_schema", "regex"):
+        r = result[case]
+        assert r["tokens"] > 0 and r["pairs"] >= 1 and r["vs_unconstrained"] > 0
+        assert r["tokens_per_s"] > 0 and r["unconstrained_tokens_per_s"] > 0
+    assert "json_schema" in done.stdout and "x  (" in done.stdout

@@ -105,3 +105,44 @@ def test_which_products_take_the_matmul_kernel(spec, x_shape, w_shape, form):
         np.testing.assert_allclose(einsum(spec, x, w), np.einsum(spec, x.astype(np.float64), w), rtol=1e-5,
                                    atol=1e-4)
     assert cpu_kernels.matmul_form(spec, jnp.zeros(x_shape, jnp.bfloat16), jnp.zeros(w_shape, jnp.bfloat16)) is None
+
+
+class _Recorder:
+    """A host step that records the tokens it is handed and answers with them plus one, and a mask of their row."""
+
+    def __init__(self, fail: bool = False):
+        self.seen: list[list[int]] = []
+        self.fail = fail
+
+    def fill(self, tokens: np.ndarray, forced: np.ndarray, masks: np.ndarray) -> None:
+        if self.fail:
+            raise ValueError("the grammar broke")
+        self.seen.append(tokens.tolist())
+        forced[:] = tokens + 1
+        masks[:] = np.arange(masks.shape[0])[:, None]
+
+
+def test_host_step_calls_python_from_inside_a_jit_step_in_order():
+    recorder = _Recorder()
+    number = cpu_kernels.register_host_step(recorder.fill)
+
+    @jax.jit
+    def chain(tokens):
+        for _ in range(3):  # each call takes the answer of the one before
+            tokens, masks = cpu_kernels.host_step(number, tokens, 5)
+        return tokens, masks
+
+    tokens, masks = chain(jnp.array([10, 20], jnp.int32))
+    assert recorder.seen == [[10, 20], [11, 21], [12, 22]]
+    np.testing.assert_array_equal(tokens, [13, 23])
+    np.testing.assert_array_equal(masks, [[0] * 5, [1] * 5])
+    chain(jnp.array([0, 0], jnp.int32))  # compiled once, called again: the function runs again
+    assert recorder.seen[-1] == [2, 2]
+
+
+def test_a_host_step_that_fails_fails_its_jit_step_with_a_pointer_to_the_log(caplog):
+    recorder = _Recorder(fail=True)
+    number = cpu_kernels.register_host_step(recorder.fill)
+    with pytest.raises(Exception, match="the grammar of a decode step failed"):
+        jax.block_until_ready(jax.jit(lambda t: cpu_kernels.host_step(number, t, 3))(jnp.zeros(2, jnp.int32)))
+    assert "the grammar broke" in caplog.text

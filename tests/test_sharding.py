@@ -187,8 +187,10 @@ def test_mesh_errors_are_specific():
 
 def test_a_two_process_server_answers_as_one_process_and_shuts_down_cleanly():
     """serve across 2 processes x 4 devices: process 0 serves HTTP, process 1 follows its steps (multihost.py);
-    a stream the client leaves early does not desynchronise them; SIGTERM to process 0 ends both."""
+    a stream the client leaves early does not desynchronise them; a JSON-schema answer (its grammar runs on
+    process 0 between the steps of each decode block) validates; SIGTERM to process 0 ends both."""
     import httpx
+    import jsonschema
 
     procs, url, name = _start_two_process_server()
     try:
@@ -196,6 +198,14 @@ def test_a_two_process_server_answers_as_one_process_and_shuts_down_cleanly():
         body = {"model": name, "prompt": "def fibonacci(n):\n", "max_tokens": 16, "temperature": 0}
         with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
             next(r.iter_lines())  # leave after the first chunk
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "n": {
+            "type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"], "additionalProperties": False}
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": name, "messages": [{"role": "user", "content": "Name one."}], "max_tokens": 40, "temperature": 1,
+            "seed": 2, "chat_template_kwargs": {"enable_thinking": False},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}).json()
+        assert chat["choices"][0]["finish_reason"] == "stop", chat
+        jsonschema.validate(json.loads(chat["choices"][0]["message"]["content"]), schema)
         for _ in range(2):
             reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
             assert reply["choices"][0]["text"] == local.complete(body["prompt"], 16, stop_token_ids=[]).text
