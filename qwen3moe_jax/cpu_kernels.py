@@ -2,7 +2,7 @@
 through XLA's FFI: `matmul`, a few rows times a weight matrix (model.einsum takes it for decode-sized products), and
 `experts_swiglu`, the "cpu" MoE kernel (MOE_KERNELS in model.py; "auto" takes it for float32 decode steps). Also
 `host_step`, a call from inside a jit step to a Python function (the grammar of a constrained decode step,
-engine.decode_block), at a fifth of the cost of jax.pure_callback / io_callback on 2 cores.
+engine.decode_block), at a tenth of the cost of jax.pure_callback / io_callback on 2 cores.
 
 XLA:CPU copies gathered expert weights before multiplying them, and streams a small weight matrix through its
 products at about a third of memory speed; on 2 cores the expert copies alone were 36-43% of a decode step. These
@@ -177,9 +177,9 @@ def host_step(number: int, tokens: jax.Array, words: int) -> tuple[jax.Array, ja
     `number` fills them from tokens [B]. A failure there fails the step.
 
     The call changes host state, but is not marked as having a side effect: that would make JAX dispatch the
-    whole step by its slow path (~2 ms a call here). XLA could then merge two calls with the same operands or drop
-    one whose results go unused; a decode block's calls each take a different step's tokens and their results
-    are used, so neither happens."""
+    whole step by its slow path (~2.5 ms more per decode block here). XLA could then merge two calls with the
+    same operands or drop one whose results go unused; a decode block's calls each take a different step's tokens
+    and their results are used, so neither happens."""
     B = tokens.shape[0]
     return jax.ffi.ffi_call("qwen3moe_cpu_host_step", (jax.ShapeDtypeStruct((B,), jnp.int32),
                                                        jax.ShapeDtypeStruct((B, words), jnp.int32)))(

@@ -34,6 +34,7 @@ thinking block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import uuid
@@ -194,8 +195,14 @@ def parse_tool_call(body: str, tools: Mapping[str, dict[str, Any] | None] | None
 
 def parameters_validator(schema: dict[str, Any] | None) -> Any:
     """A jsonschema validator of a tool's arguments by its `parameters` schema (None: any object); ValueError
-    if the schema is not one."""
-    schema = {"type": "object"} if schema is None else schema
+    if the schema is not one. Kept for the schema's next use: a request checks its tools once to refuse a bad
+    one and once more to parse the reply, and an agent sends the same tools with every turn."""
+    return _validator(json.dumps({"type": "object"} if schema is None else schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_text: str) -> Any:
+    schema = json.loads(schema_text)
     if not isinstance(schema.get("$schema", ""), str):
         raise ValueError("parameters is not a JSON schema: its $schema is not a URI")
     validator = jsonschema.validators.validator_for(schema)

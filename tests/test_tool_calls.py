@@ -424,3 +424,17 @@ def test_multi_turn_tool_use_renders_as_qwen3_writes_it(model):
                 "<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n"
                 "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert model.tokenizer.decode(prepared.prompt) == expected
+
+
+def test_a_parameters_schema_is_checked_once_for_all_its_uses():
+    """The server checks a request's tool schemas to refuse a bad one, the reply's parser builds validators
+    from them, and agents send the same tools every turn: one validator per schema, however it is spelled."""
+    from qwen3moe_jax.tool_calls import parameters_validator
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    same = {"required": ["a"], "properties": {"a": {"type": "integer"}}, "type": "object"}
+    assert parameters_validator(schema) is parameters_validator(same)
+    assert parameters_validator(schema).is_valid({"a": 1}) and not parameters_validator(schema).is_valid({"a": "x"})
+    assert parameters_validator(None) is parameters_validator({"type": "object"})
+    with pytest.raises(ValueError, match="not a JSON schema"):
+        parameters_validator({"type": "no such type"})
