@@ -8,9 +8,10 @@ which); the device state of all rows together is a `Slots` pytree, handed from s
   sees never depend on what else runs. A first chunk shorter than C is padded to a power of two (at least
   MIN_BUCKET), later chunks to C, so a new prompt length never compiles anew. With rows=None the same
   step prefills every row at once (a whole batch of prompts, as a benchmark does).
-- `decode_block` runs `steps` decode steps of every row in one device call (a lax.scan with sampling
-  inside); rows marked inactive are parked at position S (the cache length), where their writes to the
-  cache and history are dropped, so a free row or one part-way through its prompt is left as it was.
+- `decode_block` runs `steps` decode steps of every row in one device call (unrolled, with sampling
+  inside, and with a constrained row the call to its grammar after each step); rows marked inactive are
+  parked at position S (the cache length), where their writes to the cache and history are dropped, so a
+  free row or one part-way through its prompt is left as it was.
 Both read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW), so a
 short request in a long cache does not pay for all of it, and each window compiles once.
 """
