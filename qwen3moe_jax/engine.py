@@ -217,7 +217,8 @@ class Engine:
         # device: on a multi-process mesh, one of process 0's, which holds the requests.
         host = None if mesh is None else next(d for d in mesh.devices.flat if d.process_index == 0)
         self.grammar = BlockGrammar(batch_size, config.vocab_size, host and jax.sharding.SingleDeviceSharding(host))
-        if mesh is None and jax.default_backend() == "cpu" and cpu_kernels.available():
+        # why_unavailable, not available: without the kernels this falls back to io_callback, not to XLA's ops.
+        if mesh is None and jax.default_backend() == "cpu" and cpu_kernels.why_unavailable() is None:
             self.grammar.host_step = cpu_kernels.register_host_step(self.grammar.fill)
 
     @property

@@ -17,6 +17,7 @@ constrained and the unconstrained rates, and the median over pairs of their rati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -40,7 +41,7 @@ def measure(model: qj.Model, seeds: int, rounds: int, max_new_tokens: int) -> di
         for seed in range(seeds):
             for case, extra in CASES.items():
                 sampling = qj.SamplingParams(temperature=1.0, seed=seed, max_new_tokens=max_new_tokens)
-                constrained = model.complete(PROMPT, sampling=qj.SamplingParams(**{**vars(sampling), **extra}))
+                constrained = model.complete(PROMPT, sampling=dataclasses.replace(sampling, **extra))
                 n = len(constrained.token_ids)
                 tokens[case] += n
                 if n <= MIN_TOKENS:
