@@ -1,8 +1,6 @@
 """qwen3moe-jax: a JAX reference implementation of Qwen3-MoE inference."""
 
 from qwen3moe_jax.api import Model, load, random_model, save_gguf, save_hf
-from qwen3moe_jax.cache import KVCache
-from qwen3moe_jax.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.errors import (
     CheckpointError,
     ConfigError,
@@ -11,8 +9,10 @@ from qwen3moe_jax.errors import (
     Qwen3MoeError,
     SamplingError,
 )
-from qwen3moe_jax.sampling import SamplingParams
-from qwen3moe_jax.sharding import make_mesh
+from qwen3moe_jax.model.cache import KVCache
+from qwen3moe_jax.model.config import ModelConfig, preset, preset_names
+from qwen3moe_jax.model.sharding import make_mesh
+from qwen3moe_jax.runtime.sampling import SamplingParams
 
 __all__ = [
     "CheckpointError",

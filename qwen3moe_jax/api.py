@@ -1,52 +1,32 @@
-"""The public entry points: `load` a checkpoint (or `random_model` from a preset) into a `Model`."""
+"""The public entry points: `load` a checkpoint (or `random_model` from a preset) into a `Model`, whose methods
+(stream, complete, generate, chat, complete_batch, logits, router_stats) run requests through its scheduler."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen3moe_jax.config import ModelConfig, preset
-from qwen3moe_jax.constraints import Constraint, Grammars, grammar_of
-from qwen3moe_jax.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
-from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError, SamplingError
-from qwen3moe_jax.generation import Completion, Event, OnToken, RequestEvents, collect
-from qwen3moe_jax.io import materialize
-from qwen3moe_jax.io.gguf_file import (
-    INT4_TYPES,
-    GGUFTensors,
-    check_gguf_tensors,
-    from_gguf_layout,
-    gguf_name,
-    int4_from_gguf,
-    is_gguf_file,
-    read_gguf_config,
-    read_gguf_tokenizer,
-    write_gguf,
-)
-from qwen3moe_jax.io.hf import (
-    SafetensorsReader,
-    check_hf_tensors,
-    hf_tensor_source,
-    is_hf_dir,
-    read_hf_config,
-    read_hf_tokenizer,
-    write_hf,
-)
-from qwen3moe_jax.model import Params, check_moe_kernel, init_params, named_leaves, param_specs
-from qwen3moe_jax.quant import INT4, QuantizedWeight, dequantize, group_axis, is_int4_groupable, is_quantized
-from qwen3moe_jax.router import RouterStats, router_stats
-from qwen3moe_jax.sampling import SamplingParams
-from qwen3moe_jax.scheduler import Request, Scheduler
-from qwen3moe_jax.sharding import replicate, use_mesh
-from qwen3moe_jax.tokenizer import Tokenizer
+from qwen3moe_jax.errors import ConfigError, Qwen3MoeError, SamplingError
+from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
+from qwen3moe_jax.io.gguf_file import write_gguf
+from qwen3moe_jax.io.hf import write_hf
+from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.model.config import ModelConfig, preset
+from qwen3moe_jax.model.moe import check_moe_kernel
+from qwen3moe_jax.model.params import Params, init_params
+from qwen3moe_jax.model.router_stats import RouterStats, router_stats
+from qwen3moe_jax.model.sharding import replicate, use_mesh
+from qwen3moe_jax.runtime.constraints import Constraint, Grammars, grammar_of
+from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
+from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestEvents, collect
+from qwen3moe_jax.runtime.sampling import SamplingParams
+from qwen3moe_jax.runtime.scheduler import Request, Scheduler
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
@@ -91,7 +71,7 @@ class Model:
             if self.scheduler.running or self.scheduler.queued:
                 raise Qwen3MoeError("max_batch cannot change while requests run")
             e = self.engine
-            self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.prefill_chunk,
+            self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.chunk_size,
                                  e.decode_steps)
             self.scheduler = Scheduler(self.engine)
 
@@ -115,7 +95,7 @@ class Model:
 
     def router_stats(self, ids: str | Sequence[int]) -> RouterStats:
         """Per-layer routing of `ids` (text or token ids) in one forward pass: chosen experts, their weights,
-        the router's full distribution, expert counts and entropies (see qwen3moe_jax.router). For a
+        the router's full distribution, expert counts and entropies (see qwen3moe_jax.model.router_stats). For a
         generation, pass the prompt and completion ids together: every position routes as it did then."""
         padded, n = self._padded(ids)
         with use_mesh(self.mesh):
@@ -283,72 +263,27 @@ def load(
     context), not with the prompt's square.
     decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
     most decode_steps - 1 steps of compute).
-    moe_kernel: how the MoE blocks run, one of model.MOE_KERNELS; "auto" reads only the chosen experts'
-    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model.py."""
-    engine_args = dict(max_batch=max_batch, prefill_chunk=prefill_chunk, decode_steps=decode_steps)
+    moe_kernel: how the MoE blocks run, one of model.moe.MOE_KERNELS; "auto" reads only the chosen experts'
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if is_gguf_file(path):
-        return _load_gguf(path, dtype, max_seq_len, progress, mesh, engine_args, moe_kernel)
-    if not is_hf_dir(path):
-        raise CheckpointError(f"{path} is neither a GGUF file nor a checkpoint directory with a config.json")
-    config = read_hf_config(path).replace(moe_kernel=moe_kernel)
-    with ExitStack() as stack:
-        reader = SafetensorsReader(path, stack)
-        check_hf_tensors(config, reader)
-        params = materialize(config, lambda name: hf_tensor_source(name, config, reader), reader, dtype, progress,
-                             f"loading {path.name}", mesh, path)
-    return Model(config, params, read_hf_tokenizer(path), max_seq_len, mesh, **engine_args)
-
-
-def _load_gguf(path: Path, dtype: Any, max_seq_len: int | None, progress: bool, mesh: Mesh | None,
-               engine_args: dict[str, int], moe_kernel: str) -> Model:
-    tensors = GGUFTensors(path)
-    config = read_gguf_config(tensors).replace(moe_kernel=moe_kernel)
-    check_gguf_tensors(tensors, config)
-    tokenizer = read_gguf_tokenizer(tensors)
-    shapes = named_leaves(param_specs(config))
-
-    def source(name: str):
-        spec = shapes[name]
-
-        def read(dt: Any) -> np.ndarray | QuantizedWeight:
-            raw = tensors.raw(gguf_name(name))
-            if (dtype == INT4 and raw.qtype in INT4_TYPES and is_quantized(name, spec.axes)
-                    and is_int4_groupable(spec.axes, spec.shape)):  # 4-bit blocks go to the device as stored
-                return int4_from_gguf(raw, name, spec.shape, group_axis(spec.axes))
-            return np.asarray(from_gguf_layout(name, raw.dequantize(), spec.shape), dtype=dt)
-
-        return read
-
-    params = materialize(config, source, tensors, dtype, progress, f"loading {path.name}", mesh, path)
-    return Model(config, params, tokenizer, max_seq_len, mesh, **engine_args)
+    config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
     """Export the model as a llama.cpp `qwen3moe` GGUF file (F32, F16, BF16, Q8_0 or Q4_0): weights, config
     and, when the model has one and with_tokenizer is set, the tokenizer with its chat template. The weights
     of an int8 or int4 model are written dequantized and then stored in qtype."""
-    write_gguf(path, model.config, _float32_arrays(model.params), qtype, model.tokenizer if with_tokenizer else None)
+    write_gguf(path, model.config, float32_arrays(model.params), qtype, model.tokenizer if with_tokenizer else None)
 
 
 def save_hf(model: Model, directory: str | Path) -> None:
     """Export the model as a Hugging Face checkpoint directory (config.json, model.safetensors in float32,
     and the tokenizer with its chat template when the model has one), loadable by transformers. The
     weights of an int8 or int4 model are written dequantized."""
-    write_hf(directory, model.config, _float32_arrays(model.params), model.tokenizer)
-
-
-def _float32_arrays(params: Params) -> dict[str, np.ndarray]:
-    """{param name: float32 host array}; quantized weights are copied to the host as stored and dequantized there,
-    so the device never holds a float32 copy."""
-    return {
-        name: dequantize(jax.device_get(a)) if isinstance(a, QuantizedWeight) else np.asarray(a, np.float32)
-        for name, a in named_leaves(params).items()
-    }
+    write_hf(directory, model.config, float32_arrays(model.params), model.tokenizer)
 
 
 def random_model(

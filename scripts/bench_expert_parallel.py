@@ -33,8 +33,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.model import MOE_AXES, MoEParams, experts_swiglu, moe, route
-from qwen3moe_jax.sharding import logical_spec, place, use_mesh
+from qwen3moe_jax.model.moe import experts_swiglu, moe, route
+from qwen3moe_jax.model.params import MOE_AXES, MoEParams
+from qwen3moe_jax.model.sharding import logical_spec, place, use_mesh
 
 
 def routed_moe(p: MoEParams, x: jax.Array, config: qj.ModelConfig, sizes: dict[str, int]) -> jax.Array:

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen3moe_jax as qj
-from qwen3moe_jax import llamacpp
-from qwen3moe_jax.model import MOE_KERNELS
-from qwen3moe_jax.tokenizer import Tokenizer
+from qwen3moe_jax.io import llamacpp
+from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.model.moe import MOE_KERNELS
 
 SHAPE = qj.ModelConfig(
     vocab_size=8192, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2, head_dim=64, num_experts=16,
@@ -65,9 +65,10 @@ def breakdown(model: qj.Model, window: int, kernels: list[str], per_token_ms: di
     whole step (forward over every layer + lm_head + sampling) as one jit call; all timed interleaved, round
     after round, so load from other processes hits every piece alike. per_token_ms: the measured ms/token of
     each kernel's full decode, for the time outside the step (host loop, dispatch, the token's host read)."""
-    from qwen3moe_jax.cache import KVCache
-    from qwen3moe_jax.model import attention, forward, lm_logits, moe, rms_norm
-    from qwen3moe_jax.sampling import SamplerState, SamplingParams, sample
+    from qwen3moe_jax.model.cache import KVCache
+    from qwen3moe_jax.model.moe import moe
+    from qwen3moe_jax.model.transformer import attention, forward, lm_logits, rms_norm
+    from qwen3moe_jax.runtime.sampling import SamplerState, SamplingParams, sample
 
     c, p = model.config, model.params
     x = jax.random.normal(jax.random.key(0), (1, 1, c.hidden_size), jnp.float32)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.sampling import SamplerState, penalize_repeats, sample
+from qwen3moe_jax.runtime.sampling import SamplerState, penalize_repeats, sample
 
 FULL = qj.SamplingParams(temperature=0.8, top_k=40, top_p=0.95, repeat_penalty=1.1, repeat_last_n=64, seed=1)
 SETTINGS = {"greedy": qj.SamplingParams(), "temperature": qj.SamplingParams(temperature=0.8, seed=1), "full": FULL}

@@ -15,7 +15,7 @@ import sys
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.parity import SOURCES, add_prompt_args, choose_prompts, make_baseline
+from qwen3moe_jax.tools.parity import SOURCES, add_prompt_args, choose_prompts, make_baseline
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen3moe_jax.config import preset
-from qwen3moe_jax.model import einsum
-from qwen3moe_jax.quant import GROUP, QuantizedWeight
+from qwen3moe_jax.model.config import preset
+from qwen3moe_jax.model.matmul import einsum
+from qwen3moe_jax.model.quant import GROUP, QuantizedWeight
 
 
 def int4_weight(shape: tuple[int, ...], axis: int) -> QuantizedWeight:

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import qwen3moe_jax as qj
-from qwen3moe_jax import llamacpp
 from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.parity import Baseline, add_prompt_args, check_against_baseline, choose_prompts, make_baseline
+from qwen3moe_jax.io import llamacpp
+from qwen3moe_jax.tools.parity import Baseline, add_prompt_args, check_against_baseline, choose_prompts, make_baseline
 
 IMPLEMENTATIONS = ("transformers", "llama.cpp")
 

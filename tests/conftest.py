@@ -42,7 +42,7 @@ MIXED_TEXT = (
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A real byte-level BPE vocabulary (512 tokens) learned from a small mixed-language corpus."""
-    from qwen3moe_jax.tokenizer import Tokenizer
+    from qwen3moe_jax.io.tokenizer import Tokenizer
 
     corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text()
     return Tokenizer.train(corpus.splitlines(keepends=True), vocab_size=512)

@@ -1,4 +1,4 @@
-"""Random-weight Hugging Face checkpoints for the tests; the comparison helpers live in qwen3moe_jax.parity."""
+"""Random-weight Hugging Face checkpoints for the tests; the comparison helpers live in qwen3moe_jax.tools.parity."""
 
 from __future__ import annotations
 

@@ -18,12 +18,14 @@ COUNTS = ("passed", "failed", "skipped", "errors", "error", "xfailed", "xpassed"
 
 
 def main(argv: list[str]) -> int:
-    files = sorted(Path(__file__).parent.glob("test_*.py"))
+    root = Path(__file__).parent
+    files = sorted(root.rglob("test_*.py"), key=lambda p: p.relative_to(root).parts)
     totals = dict.fromkeys(COUNTS, 0)
     broken = []
     start = time.perf_counter()
     for i, path in enumerate(files, 1):
-        print(f"[{i}/{len(files)}] {path.name}", flush=True)
+        name = path.relative_to(root).as_posix()
+        print(f"[{i}/{len(files)}] {name}", flush=True)
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", str(path), *argv], capture_output=True,
                               text=True)
         sys.stdout.write(done.stdout)
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> int:
         for word, number in counts.items():
             totals[word] += number
         if done.returncode not in (0, 5):  # 5: no test collected (every test deselected by -k)
-            broken.append(f"{path.name} (exit {done.returncode})")
+            broken.append(f"{name} (exit {done.returncode})")
             if not any(counts.get(word) for word in ("failed", "errors", "error")):
                 totals["crashed"] += 1  # died before pytest could say (a signal in native code)
     print(f"\n{len(files)} files in {time.perf_counter() - start:.0f}s" +

@@ -22,7 +22,7 @@ def running_server(*args: str, env: dict[str, str] | None = None, preset: str | 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "qwen3moe_jax.cli", "serve", *(["--preset", preset] if preset else []),
+        [sys.executable, "-m", "qwen3moe_jax", "serve", *(["--preset", preset] if preset else []),
          "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
-from qwen3moe_jax import llamacpp
 from qwen3moe_jax.api import BUNDLED_MODEL
-from qwen3moe_jax.cli import main
-from qwen3moe_jax.tokenizer import QWEN_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
-from qwen3moe_jax.training import corpus_files, evaluate, is_held_out, token_stream, unigram_loss
+from qwen3moe_jax.io import llamacpp
+from qwen3moe_jax.io.tokenizer import QWEN_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
+from qwen3moe_jax.tools.cli import main
+from qwen3moe_jax.tools.training import corpus_files, evaluate, is_held_out, token_stream, unigram_loss
 
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\n", "class Stack:\n    def push(self, item):\n"]
 

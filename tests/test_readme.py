@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen3moe_jax.cli import build_parser
+from qwen3moe_jax.tools.cli import build_parser
 
 README = Path(__file__).parent.parent / "README.md"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -78,7 +78,7 @@ def server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "qwen3moe_jax.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "qwen3moe_jax", "serve", "--port", str(port),
                                 "--warmup-tokens", "16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     startup = []  # what it prints up to "[compiled in ...; serving ...]" (EOF if it dies first)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.parity import make_baseline
+from qwen3moe_jax.tools.parity import make_baseline
 
 SCRIPTS = sorted((Path(__file__).parent.parent / "scripts").glob("*.py"))
 # What the extras add beyond the base dependencies (pyproject.toml).

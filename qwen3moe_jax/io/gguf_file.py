@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
 
-from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError, ConfigError
-from qwen3moe_jax.io import check_layers
-from qwen3moe_jax.model import named_leaves, param_specs
-from qwen3moe_jax.quant import GROUP, QuantizedWeight, int4_from_gguf_blocks
-from qwen3moe_jax.tokenizer import GGUFVocab, Tokenizer
+from qwen3moe_jax.io.materialize import check_layers
+from qwen3moe_jax.io.tokenizer import GGUFVocab, Tokenizer
+from qwen3moe_jax.model.config import ModelConfig
+from qwen3moe_jax.model.params import named_leaves, param_specs
+from qwen3moe_jax.model.quant import GROUP, QuantizedWeight, int4_from_gguf_blocks
 
 ARCH = "qwen3moe"
 Q = GGMLQuantizationType

@@ -21,11 +21,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from qwen3moe_jax.config import ModelConfig
 from qwen3moe_jax.errors import CheckpointError
-from qwen3moe_jax.io import check_layers
-from qwen3moe_jax.model import named_leaves, param_specs
-from qwen3moe_jax.tokenizer import Tokenizer
+from qwen3moe_jax.io.materialize import check_layers
+from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.model.config import ModelConfig
+from qwen3moe_jax.model.params import named_leaves, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 

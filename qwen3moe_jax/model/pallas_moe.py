@@ -1,0 +1,98 @@
+"""The "pallas" MoE kernel: a grouped matmul in Pallas over the blocked form's blocks (moe_kernels.expert_blocks).
+
+Each program of the grid multiplies one block of rows (all of one expert) by one column tile of that expert's
+weights, read in place from the [experts, in, out] weight through the block's expert id: no gathered copy of the
+weights exists (the blocked XLA form materializes one per block), and temporary memory is the padded rows only.
+On GPU Pallas compiles it with Triton (tiles must then be powers of two, blocks at least 16 rows); on other
+backends it runs in Pallas' interpreter, slow but exact, which is how the CPU tests check it.
+
+Quantized weights: the kernel multiplies by the stored values (converted to the rows' dtype, as `einsum` does)
+into float32, and the per-output-channel scale of each block's expert multiplies the result outside the kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.model.moe_kernels import expert_blocks
+from qwen3moe_jax.model.params import MoEParams
+from qwen3moe_jax.model.quant import QuantizedWeight
+
+# Tile sizes: rows per block (at least 16, the smallest a Triton dot takes), contraction and output tiles.
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 128
+K_TILE, N_TILE = 64, 128
+
+
+def experts_swiglu_pallas(p: MoEParams, rows: jax.Array, row_expert: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """SwiGLU of rows [M, E] sorted by expert (as moe_kernels.experts_swiglu_blocked), by grouped_matmul."""
+    M, X = rows.shape[0], group_sizes.shape[0]
+    b = min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, 1 << (max(1, M // X).bit_length() - 1)))
+    blocks, block_expert, slot = expert_blocks(rows, row_expert, group_sizes, b)
+    # The blocks that hold rows; the rest (the static count allows for every split of the rows) are skipped.
+    used = jnp.sum(-(-group_sizes // b), keepdims=True).astype(jnp.int32)
+    h = jax.nn.silu(grouped_matmul(blocks, block_expert, used, p.gate))
+    h = h * grouped_matmul(blocks, block_expert, used, p.up)
+    out = grouped_matmul(h.astype(rows.dtype), block_expert, used, p.down)
+    return out.astype(rows.dtype).reshape(-1, rows.shape[1]).at[slot].get(mode="fill", fill_value=0)
+
+
+def grouped_matmul(blocks: jax.Array, block_expert: jax.Array, used: jax.Array,
+                   w: jax.Array | QuantizedWeight) -> jax.Array:
+    """blocks [n, b, K] times w [experts, K, N] at each block's expert -> float32 [n, b, N]; blocks from used[0]
+    on come out zero without reading any weight."""
+    if isinstance(w, QuantizedWeight):
+        if w.bits == 4:  # load and random_model refuse the pair; this guards direct calls
+            raise ConfigError("the pallas MoE kernel reads float and int8 expert weights, not int4")
+        return _grouped_matmul(blocks, block_expert, used, w.values) * w.scale[block_expert]  # scale [n, 1, N]
+    return _grouped_matmul(blocks, block_expert, used, w)
+
+
+def _tile(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n; n itself when that is below 16 (an odd width: one tile)."""
+    t = cap
+    while t >= 16 and n % t:
+        t //= 2
+    return t if t >= 16 and n % t == 0 else n
+
+
+@jax.jit
+def _grouped_matmul(blocks: jax.Array, block_expert: jax.Array, used: jax.Array, w: jax.Array) -> jax.Array:
+    n, b, K = blocks.shape
+    N = w.shape[-1]
+    bk, bn = _tile(K, K_TILE), _tile(N, N_TILE)
+    precision = jax.lax.Precision.HIGHEST if blocks.dtype == jnp.float32 else None
+
+    def kernel(expert_ref, used_ref, x_ref, w_ref, out_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        e = expert_ref[i]
+
+        def step(kk: int, acc: jax.Array) -> jax.Array:
+            x = x_ref[:, pl.ds(kk * bk, bk)]
+            wt = w_ref[e, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)].astype(x.dtype)
+            return acc + jnp.dot(x, wt, precision=precision, preferred_element_type=jnp.float32)
+
+        @pl.when(i < used_ref[0])
+        def _() -> None:
+            out_ref[...] = jax.lax.fori_loop(0, K // bk, step, jnp.zeros((b, bn), jnp.float32))
+
+        @pl.when(i >= used_ref[0])
+        def _() -> None:
+            out_ref[...] = jnp.zeros((b, bn), jnp.float32)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, b, N), jnp.float32),
+        grid=(n, N // bn),
+        in_specs=[
+            pl.no_block_spec,  # each block's expert id: read whole
+            pl.no_block_spec,  # the number of blocks that hold rows
+            pl.BlockSpec((None, b, K), lambda i, j: (i, 0, 0)),  # this block's rows
+            pl.no_block_spec,  # the weights: indexed in the kernel by the block's expert
+        ],
+        out_specs=pl.BlockSpec((None, b, bn), lambda i, j: (i, 0, j)),
+        interpret=jax.default_backend() != "gpu",
+    )(block_expert.astype(jnp.int32), used, blocks, w)
+

@@ -1,0 +1,286 @@
+"""The request loop, and its one owner: continuous batching over the engine's KV-cache rows.
+
+Each request gets a row (a slot) of the engine's `max_batch` rows while it runs. Every `step`:
+  1. cancelled requests leave (a running one frees its row);
+  2. waiting requests are admitted into free rows, lowest row first, in arrival order;
+  3. at most `chunks_per_step` prompt chunks run (oldest admission first), one row each; the chunk that
+     ends a prompt samples the request's first token;
+  4. one decode block runs every row at once (`decode_steps` tokens per row, one compiled shape whatever
+     the number of requests; rows without a decoding request are parked and left untouched).
+Each token goes through its request's RequestEvents (stop tokens and strings, max_tokens, on_token) in
+order; a request ends at the token that ends it, its later tokens of the block are dropped and its row is
+free for the next step. A constrained request's Constraint (constraints.py) takes each token before it is
+delivered, and works out the next step's mask: the decode block hands it its tokens as it runs
+(engine.grammar), and the prefill's is taken here.
+A request's tokens do not depend on the other rows: every step computes a row from that row alone, and
+sampling draws are keyed by (seed, position) (tests/runtime/test_scheduler.py).
+
+`Model.stream`, `complete`, `generate` and `complete_batch` drive `step` themselves (`events`); the server
+runs `serve_forever` on a thread of its own and submits and cancels from its event loop (both thread-safe).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from qwen3moe_jax.errors import Qwen3MoeError, SamplingError
+from qwen3moe_jax.runtime.constraints import Constraint
+from qwen3moe_jax.runtime.engine import Engine, StepTokens
+from qwen3moe_jax.runtime.generation import Event, Logprobs, RequestEvents
+from qwen3moe_jax.runtime.sampling import SamplingParams
+
+# The SamplingParams fields the device reads; stop strings and ids are the host's business.
+DEVICE_FIELDS = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed")
+DEFAULT_CHUNKS_PER_STEP = 1
+
+
+class QueueFull(Qwen3MoeError):
+    """The wait queue holds max_queue requests already: try again later."""
+
+
+Emit = Callable[[Any], None]  # an Event, an exception the request ended with, or None: the request is over
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request: its prompt, settings and event maker, and where it stands in the scheduler."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    events: RequestEvents
+    emit: Emit | None = None  # where its events go (set by whoever submits it)
+    constraint: Constraint | None = None  # its json_schema / regex / grammar, as a matcher
+    row: int | None = None
+    prefilled: int = 0  # prompt tokens in the cache
+    position: int = 0  # the position of the token the row feeds to its next decode step
+    cancelled: bool = False
+    finished: bool = False
+    admitted: int = 0  # admission order
+
+    @property
+    def decoding(self) -> bool:
+        return self.row is not None and self.prefilled == len(self.prompt)
+
+
+class Scheduler:
+    """Owns the request loop over `engine`'s rows (see the module docstring).
+
+    call: how an engine step is run, Engine.call by default; a multi-host leader passes one that also sends
+    the step to its followers (multihost.py). max_queue bounds the requests waiting for a row beyond those
+    the free rows take at the next step (None: no bound); chunks_per_step is the most prompt chunks per step
+    (more: faster admission, longer gaps in the running streams)."""
+
+    def __init__(self, engine: Engine, chunks_per_step: int = DEFAULT_CHUNKS_PER_STEP, max_queue: int | None = None,
+                 call: Callable[..., StepTokens] | None = None):
+        self.engine = engine
+        self.chunks_per_step = chunks_per_step
+        self.max_queue = max_queue
+        self.call = call or engine.call
+        self.rows: list[Request | None] = [None] * engine.batch_size
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()  # guards `waiting` against submitting threads
+        self._wake = threading.Condition(self._lock)
+        self._stepping = threading.RLock()  # one step at a time
+        self._admissions = itertools.count()
+        self._sampling_changed = True
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    # ---------------------------------------------------------------------------- from any thread
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (raises QueueFull when max_queue requests wait already beyond the free rows)."""
+        with self._lock:
+            if self.max_queue is not None and len(self.waiting) - self.rows.count(None) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for a row already (max_queue "
+                                f"{self.max_queue})")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """End a request at the next step (its row is freed then); no more events reach it."""
+        request.cancelled = True
+        with self._lock:
+            self._wake.notify()
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------------------- the loop
+
+    def serve_forever(self, stop: threading.Event, idle_s: float = 0.1) -> None:
+        """Step while there is work, sleep while there is none, until `stop` is set."""
+        while not stop.is_set():
+            with self._lock:
+                if not self.waiting and not any(self.rows) and not stop.is_set():
+                    self._wake.wait(idle_s)
+            self.step()
+
+    def events(self, request: Request) -> Iterator[Event]:
+        """Submit `request` and step until it ends, yielding its events (closing this iterator cancels it)."""
+        box: collections.deque = collections.deque()
+        request.emit = box.append
+        self.submit(request)
+        try:
+            while True:
+                while box:
+                    item = box.popleft()
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                self.step()
+        finally:
+            if not request.finished:
+                self.cancel(request)
+                with self._stepping:
+                    self._drop_cancelled()
+
+    def run_all(self, requests: list[Request]) -> list[list[Event]]:
+        """Submit every request and step until all have ended; their events, in the order given."""
+        boxes: list[list] = [[] for _ in requests]
+        for request, box in zip(requests, boxes, strict=True):
+            request.emit = box.append
+            self.submit(request)
+        while not all(r.finished for r in requests):
+            self.step()
+        for box in boxes:
+            for item in box:
+                if isinstance(item, BaseException):
+                    raise item
+        return [[e for e in box if e is not None] for box in boxes]
+
+    def step(self) -> None:
+        """One iteration: cancels, admissions, at most chunks_per_step prompt chunks, one decode block."""
+        with self._stepping:
+            self._drop_cancelled()
+            self._admit()
+            try:
+                if self._sampling_changed:
+                    self.call("set_sampling", rows=[None if r is None else
+                                                    {f: getattr(r.sampling, f) for f in DEVICE_FIELDS}
+                                                    for r in self.rows])
+                    self._sampling_changed = False
+                prefilling = sorted((r for r in self.rows if r is not None and not r.decoding),
+                                    key=lambda r: r.admitted)
+                for request in prefilling[: self.chunks_per_step]:
+                    self._prefill(request)
+                if any(r is not None and r.decoding for r in self.rows):
+                    self._decode()
+            except Exception as err:  # a failed device step: the requests in the rows end with its error
+                self.engine.reset()
+                self._sampling_changed = True
+                for request in self.rows:
+                    if request is not None:
+                        self._end(request, err)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for request in gone + [r for r in self.rows if r is not None and r.cancelled]:
+            self._end(request)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self.waiting and None in self.rows:
+                request = self.waiting.popleft()
+                request.row = self.rows.index(None)
+                request.admitted = next(self._admissions)
+                self.rows[request.row] = request
+                self._sampling_changed = True
+
+    def _prefill(self, request: Request) -> None:
+        n, start = len(request.prompt), request.prefilled
+        chunk = request.prompt[start: start + self.engine.chunk_size]
+        last = start + len(chunk) == n
+        out = self.call("prefill", row=request.row, tokens=chunk, start=start, length=n,
+                        logprobs=request.sampling.logprobs is not None,
+                        allowed=request.constraint.mask() if last and request.constraint else None)
+        request.prefilled = start + len(chunk)
+        if request.decoding:
+            self.prompt_tokens += n
+            request.position = n
+            out = _to_host(out, request.sampling.logprobs is not None)
+            if request.constraint is not None:
+                request.constraint.take(int(out.token[0, 0]))
+            self._take(request, out, 0, 0)
+
+    def _decode(self) -> None:
+        active = [r is not None and r.decoding for r in self.rows]
+        requests = [r if a else None for r, a in zip(self.rows, active, strict=True)]
+        logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
+        constraints = [r.constraint if r is not None else None for r in requests]
+        constrained = any(c is not None for c in constraints)
+        self.engine.grammar.rows = constraints  # the block hands them its tokens, and they give the next masks
+        forced = [c.next_forced if c else -1 for c in constraints]  # the first step's, from the last token taken
+        out = _to_host(self.call(
+            "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
+            allowed=[c.next_mask if c else None for c in constraints] if constrained else None,
+            forced=forced if any(t >= 0 for t in forced) else None, constrained=constrained), logprobs)
+        steps = out.token.shape[0]
+        for b, request in enumerate(requests):
+            if request is None:
+                continue
+            for step in range(steps):
+                if request.finished:
+                    break
+                self._take(request, out, step, b)
+            request.position += steps
+
+    def _take(self, request: Request, out: StepTokens, step: int, col: int) -> None:
+        """Deliver the request's token of `step` (its constraint has taken it already)."""
+        token = int(out.token[step, col])
+        refused, complete = request.constraint.taken() if request.constraint is not None else (None, False)
+        if token < 0:
+            self._end(request, SamplingError("the model produced NaN logits; the weights or inputs are broken"))
+            return
+        if refused is not None:
+            self._end(request, SamplingError(f"the constraint refused a token sampled under its own mask ({refused})"))
+            return
+        n = request.sampling.logprobs
+        logprobs = None if n is None else Logprobs(float(out.logprob[step, col]), tuple(
+            (int(i), float(p)) for i, p in zip(out.top_ids[step, col, :n], out.top_logprob[step, col, :n],
+                                               strict=True)))
+        self.generated_tokens += 1
+        try:
+            event = request.events.push(token, logprobs, complete=complete)
+        except Exception as err:  # the request's own on_token callback failed: it alone ends
+            self._end(request, err)
+            return
+        request.emit(event)
+        if event.finish_reason is not None:
+            self._end(request)
+
+    def _end(self, request: Request, error: BaseException | None = None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        if request.row is not None and self.rows[request.row] is request:
+            self.rows[request.row] = None
+        if error is not None:
+            request.emit(error)
+        request.emit(None)
+
+
+def _to_host(out: StepTokens, logprobs: bool) -> StepTokens:
+    """One transfer of the step's tokens (and their logprobs only when a request asked for them)."""
+    if logprobs:
+        return StepTokens(*(np.asarray(a) for a in out))
+    return StepTokens(np.asarray(out.token), None, None, None)

@@ -1,0 +1,35 @@
+"""The command line: streams text, formats chat prompts, and reports bad input as one error line."""
+
+from __future__ import annotations
+
+import re
+
+import qwen3moe_jax as qj
+from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.tools.cli import main
+
+
+def test_generate_streams_the_prompt_and_its_continuation(capsys):
+    assert main(["generate", "--preset", "tiny", "--prompt", "héllo", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    expected = qj.random_model("tiny", std=0.2).complete("héllo", 5)
+    assert out == "héllo" + expected.text + "\n"  # a stop token that ended it is not printed
+    summary = (rf"\[{len(expected.token_ids)} tokens \({expected.finish_reason}\), prompt 6 tokens, "
+               r"time to first token \d+ ms, [\d.]+ tokens/s\]")
+    assert re.search(summary, err), err
+
+
+def test_chat_prints_only_the_reply(capsys, tmp_path, bpe_tokenizer):
+    config = qj.preset("tiny").replace(vocab_size=512, mlp_only_layers=(), bos_token_id=0, eos_token_ids=(2,))
+    model = qj.random_model(config, seed=1, std=0.2)
+    model.tokenizer = Tokenizer(bpe_tokenizer.backend)
+    qj.save_gguf(model, tmp_path / "m.gguf")
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "Hi", "--chat", "--no-think",
+                 "--max-new-tokens", "6"]) == 0
+    out, _ = capsys.readouterr()
+    assert out == model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=6, enable_thinking=False) + "\n"
+
+
+def test_bad_input_is_one_error_line(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
