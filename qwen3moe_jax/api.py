@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
-from qwen3moe_jax.io.gguf_file import write_gguf
+from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.hf import write_hf
 from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.model.config import ModelConfig, preset

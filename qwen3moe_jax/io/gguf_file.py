@@ -1,8 +1,8 @@
-"""GGUF files of llama.cpp's `qwen3moe` architecture: read (memory-mapped, dequantized tensor by tensor with
-the `gguf` package) and write (F32, F16, BF16, Q8_0), weights with tokenizer and chat template.
+"""GGUF files of llama.cpp's `qwen3moe` architecture, read: memory-mapped, dequantized tensor by tensor with the
+`gguf` package, config, tokenizer and chat template from the metadata (gguf_write.py writes them).
 
 llama.cpp's qwen3moe graph always renormalises the top-k router weights and has no dense MLP layers, so
-a GGUF file means norm_topk_prob=True and every layer MoE; the writer refuses configs it cannot express.
+a GGUF file means norm_topk_prob=True and every layer MoE.
 GGUF numpy shapes are ggml's `ne` reversed, which makes every linear weight [out, in] (as in HF files).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from qwen3moe_jax.errors import CheckpointError, ConfigError
 from qwen3moe_jax.io.materialize import check_layers
@@ -31,8 +31,6 @@ from qwen3moe_jax.model.quant import GROUP, QuantizedWeight, int4_from_gguf_bloc
 ARCH = "qwen3moe"
 Q = GGMLQuantizationType
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
-WRITABLE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0}
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 INT4_TYPES = {Q.Q4_0, Q.Q4_K}  # 4-bit types whose blocks dtype="int4" keeps as stored (quant.int4_from_gguf_blocks)
 # Limits of what this loader reads, far above any qwen3moe file (3 arrays of about 152k tokens and merges,
 # 3 + 14 tensors a layer), so that even a consistent but hostile file costs bounded time and memory (each
@@ -432,83 +430,6 @@ def read_gguf_tokenizer(tensors: GGUFTensors) -> Tokenizer | None:
         )
     except CheckpointError as err:
         raise CheckpointError(f"{tensors.path}: {err}") from None
-
-
-def check_gguf_expressible(config: ModelConfig) -> None:
-    """llama.cpp's qwen3moe cannot run dense layers or un-renormalised top-k; refuse rather than mislead."""
-    if not config.norm_topk_prob:
-        raise ConfigError("GGUF qwen3moe always renormalises top-k router weights; this model has norm_topk_prob=False")
-    if not all(config.is_moe_layer(i) for i in range(config.num_layers)):
-        raise ConfigError("GGUF qwen3moe has no dense MLP layers; this model has some (mlp_only_layers/sparse step)")
-
-
-def write_gguf(
-    path: str | Path,
-    config: ModelConfig,
-    named_arrays: dict[str, np.ndarray],
-    qtype: str = "F32",
-    tokenizer: Tokenizer | None = None,
-) -> None:
-    """Write params (our names -> numpy arrays in our layout), and the tokenizer with its chat template
-    when given, as a qwen3moe GGUF file.
-
-    Matrices are stored in `qtype`; norm vectors stay F32 as llama.cpp's converter keeps them. A matrix
-    whose rows do not divide into the type's blocks is stored F32.
-    """
-    if qtype not in WRITABLE_TYPES:
-        raise ConfigError(f"GGUF type {qtype!r} is not writable; choose one of {', '.join(WRITABLE_TYPES)}")
-    check_gguf_expressible(config)
-    target = WRITABLE_TYPES[qtype]
-    block = quants.GGML_QUANT_SIZES[target][0]
-    writer = GGUFWriter(str(path), ARCH)
-    c = config
-    writer.add_block_count(c.num_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_expert_feed_forward_length(c.moe_intermediate_size)
-    writer.add_head_count(c.num_heads)
-    writer.add_head_count_kv(c.num_kv_heads)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_theta)
-    writer.add_expert_count(c.num_experts)
-    writer.add_expert_used_count(c.num_experts_per_tok)
-    writer.add_file_type(FILE_TYPES[qtype])
-    if tokenizer is not None:
-        _add_tokenizer(writer, config, tokenizer)
-    for name, array in named_arrays.items():
-        data = np.ascontiguousarray(to_gguf_layout(name, np.asarray(array, np.float32)))
-        if data.ndim == 1 or target == Q.F32 or data.shape[-1] % block:
-            writer.add_tensor(gguf_name(name), data)
-        else:
-            writer.add_tensor(gguf_name(name), quants.quantize(data, target), raw_dtype=target)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _add_tokenizer(writer: GGUFWriter, config: ModelConfig, tokenizer: Tokenizer) -> None:
-    vocab = tokenizer.to_gguf_vocab(config.vocab_size)
-    if not vocab.merges:  # the gguf writer drops empty arrays, and llama.cpp refuses a BPE file without merges
-        raise ConfigError("this tokenizer has no BPE merges, which a GGUF file cannot carry; save without it")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    if config.bos_token_id is not None:
-        writer.add_bos_token_id(config.bos_token_id)
-    if config.eos_token_ids:
-        writer.add_eos_token_id(config.eos_token_ids[0])
-    pad = tokenizer.token_id("<|endoftext|>")
-    if pad is not None:
-        writer.add_pad_token_id(pad)
-    writer.add_add_bos_token(False)  # Qwen prompts start without a BOS token
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 def int4_from_gguf(tensor: QuantizedTensor, name: str, shape: tuple[int, ...], axis: int) -> QuantizedWeight:

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-import qwen3moe_jax as qj
-from qwen3moe_jax.api import DTYPES
-from qwen3moe_jax.errors import CheckpointError, Qwen3MoeError
+from qwen3moe_jax.api import DTYPES, Model, load
+from qwen3moe_jax.errors import CheckpointError, ConfigError, Qwen3MoeError
 from qwen3moe_jax.io.gguf_file import GGUFTensors, is_gguf_file, read_gguf_config
 from qwen3moe_jax.io.hf import hf_tensors, is_hf_dir, read_hf_config, read_hf_tokenizer
 from qwen3moe_jax.io.tokenizer import Tokenizer
@@ -69,7 +68,7 @@ def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def transformers_model(model: qj.Model, device: str = "cpu"):
+def transformers_model(model: Model, device: str = "cpu"):
     """A transformers Qwen3MoeForCausalLM (eval mode) holding `model`'s weights in its dtype, built in memory:
     each param is mapped to its published HF names (io.hf.hf_tensors) and transformers fuses the experts into
     its own layout as it does when loading a checkpoint. Built on the CPU, then moved to `device`."""
@@ -209,14 +208,14 @@ def make_baseline(
     token ids): greedy for exactly new_tokens tokens, then the logits along that path in one forward pass.
     dtype is what ours and transformers compute in; llama.cpp runs the file's own types."""
     if source not in SOURCES:
-        raise qj.ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
     if dtype not in DTYPES:
-        raise qj.ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if source == "transformers" and dtype in ("int8", "int4"):  # our weight-only quantization
-        raise qj.ConfigError(f"transformers runs float dtypes only; check an {dtype} model against a float32 "
+        raise ConfigError(f"transformers runs float dtypes only; check an {dtype} model against a float32 "
                              "baseline")
     if new_tokens < 1 or not prompts or not all(len(p) for p in prompts):
-        raise qj.ConfigError("a baseline needs at least one prompt, none of them empty, and one new token")
+        raise ConfigError("a baseline needs at least one prompt, none of them empty, and one new token")
     path = Path(path)
     make = {"ours": _ours_baseline, "transformers": _transformers_baseline, "llama.cpp": _llamacpp_baseline}[source]
     model, records = make(path, prompts, new_tokens, dtype, progress)
@@ -234,7 +233,7 @@ def _text_or_none(prompt: str | Sequence[int]) -> str | None:
 
 
 def _ours_baseline(path, prompts, new_tokens, dtype, progress):
-    model = qj.load(path, dtype=dtype, progress=progress)
+    model = load(path, dtype=dtype, progress=progress)
     _require_tokenizer(path, model.tokenizer, prompts)
     records = []
     for prompt in prompts:
@@ -281,7 +280,7 @@ def _llamacpp_baseline(path, prompts, new_tokens, dtype, progress):
     return f"llama.cpp (llama-cpp-python {llamacpp.version()}) on {path.name}", records
 
 
-def check_against_baseline(model: qj.Model, baseline: Baseline) -> list[dict[str, Any]]:
+def check_against_baseline(model: Model, baseline: Baseline) -> list[dict[str, Any]]:
     """Per baseline prompt: whether we tokenize its text to the same ids, where our free-running greedy
     continuation first leaves the baseline's (None: never), and along the baseline's greedy path the max
     and mean |logit error| over the full vocabulary and the share of steps our argmax takes its token.

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.io.chat_template import CHATML_TEMPLATE
-from qwen3moe_jax.io.gguf_file import write_gguf
+from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.model.params import named_leaves
 

@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from transformers import Qwen3MoeForCausalLM
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors, write_gguf
+from qwen3moe_jax.io.gguf_file import READABLE_TYPES, GGUFTensors
+from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.model.params import named_leaves
 from qwen3moe_jax.tools.parity import hf_logits
 from tests.conftest import finish_gguf
