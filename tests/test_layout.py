@@ -5,6 +5,7 @@ import cycle exists (imports inside functions included), and no module outgrows 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,14 @@ def test_importing_the_package_loads_only_what_the_python_api_needs():
             "'fastapi', 'uvicorn'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert not loaded, loaded
+
+
+def test_the_readme_module_map_names_every_module_and_only_modules_that_exist():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("## What is inside"):readme.index("Presets in `configs/`")]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {name for cell in first_cells for name in re.findall(r"`([a-z_/]+\.(?:py|cc))`", cell)}
+    on_disk = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cc")
+               and p.name not in ("__init__.py", "__main__.py")}
+    assert named - on_disk == set(), "the map names modules that do not exist"
+    assert on_disk - named == set(), "modules missing from the map"
