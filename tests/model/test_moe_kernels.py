@@ -17,6 +17,7 @@ import pytest
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.model import cpu_kernels
 from qwen3moe_jax.model.moe import choose_moe_kernel, moe_local
 from qwen3moe_jax.model.params import MoEParams
 
@@ -42,7 +43,9 @@ def test_auto_is_never_ragged_dot_off_tpu(monkeypatch, backend, pairs, expected)
 
 
 def test_auto_takes_the_cpu_kernel_for_float32_decode_on_the_cpu():
-    """The C++ kernel (cpu_kernels.py) where it applies: a decode step's pairs, float32 weights, the CPU backend."""
+    """The C++ kernel (cpu_kernels.py) where it applies, once built (the Engine builds it on the CPU backend): a
+    decode step's pairs, float32 weights, the CPU backend."""
+    assert cpu_kernels.build() is None, "this machine has a C++ compiler: the kernels must build"
     f32, bf16 = (jax.ShapeDtypeStruct((128, 64, 32), dtype) for dtype in (jnp.float32, jnp.bfloat16))
     assert choose_moe_kernel("auto", 8, 128, f32) == "cpu"
     assert choose_moe_kernel("auto", 8, 128, bf16) == "gather"
@@ -52,12 +55,15 @@ def test_auto_takes_the_cpu_kernel_for_float32_decode_on_the_cpu():
 
 
 def test_without_a_compiler_auto_falls_back_to_the_gather_and_cpu_is_refused(tmp_path):
-    """Where the kernel cannot be compiled, "auto" keeps XLA's gather (with one warning saying why) and an explicit
-    moe_kernel="cpu" is a ConfigError naming the reason. A fresh process: the build is cached per process."""
+    """Where the kernel cannot be compiled, "auto" keeps XLA's gather (with one warning saying why, when a model's
+    engine tries to build it) and an explicit moe_kernel="cpu" is a ConfigError naming the reason. A fresh process:
+    the build is tried once per process."""
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, qwen3moe_jax as qj
         from qwen3moe_jax.model.moe import choose_moe_kernel
+        model = qj.random_model("tiny")
         assert choose_moe_kernel("auto", 8, 128, jax.ShapeDtypeStruct((128, 64, 32), jnp.float32)) == "gather"
+        assert len(model.generate([1, 2, 3], 4)) == 4
         try:
             qj.random_model("tiny", moe_kernel="cpu")
         except qj.ConfigError as e:
