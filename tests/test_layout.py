@@ -111,6 +111,37 @@ def test_the_cycle_check_finds_a_cycle_through_an_import_inside_a_function(tmp_p
     assert find_cycle(graph) is None
 
 
+def _defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments, imports)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def test_every_import_of_a_package_module_names_what_it_defines():
+    """Imports inside functions run only when called: a name moved elsewhere would fail there, late. Every
+    `from qwen3moe_jax.X import name`, anywhere in the package, the scripts and the tests, names a submodule of X
+    or something X defines."""
+    modules = _modules()
+    repo = PACKAGE.parent
+    files = [*PACKAGE.rglob("*.py"), *(repo / "scripts").glob("*.py"), *(repo / "tests").rglob("*.py")]
+    wrong = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                defined = _defined_names(modules[node.module])
+                wrong += [f"{path.name}: from {node.module} import {alias.name}" for alias in node.names
+                          if alias.name not in defined and f"{node.module}.{alias.name}" not in modules]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_module_is_over_500_lines():
     long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long

@@ -264,7 +264,7 @@ def _transformers_baseline(path, prompts, new_tokens, dtype, progress):
 
 
 def _llamacpp_baseline(path, prompts, new_tokens, dtype, progress):
-    from qwen3moe_jax.io.materialize import llamacpp
+    from qwen3moe_jax.io import llamacpp
 
     if not is_gguf_file(path):
         raise CheckpointError(f"llama.cpp needs a GGUF file; {path} is not one")
