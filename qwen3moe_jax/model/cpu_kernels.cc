@@ -154,23 +154,26 @@ using HostStep = int (*)(int64_t grammar, int64_t rows, int64_t words, const int
                          int32_t* masks);
 std::atomic<HostStep> host_step{nullptr};
 
-// Python's PyGILState_Ensure and PyEval_SaveThread, looked up by cpu_kernels.py (this file needs no Python headers).
-// A ctypes callback called from a thread Python does not know creates a Python thread state for the call and
-// destroys it after, ~25 us of a ~45 us call here (measured); each XLA thread that calls the host keeps one for
-// good instead (Ensure, then release the GIL it took), which the callback's own Ensure then finds.
+// Python's PyGILState_GetThisThreadState, PyGILState_Ensure and PyEval_SaveThread, looked up by cpu_kernels.py (this
+// file needs no Python headers). A ctypes callback called from a thread Python does not know creates a Python thread
+// state for the call and destroys it after, ~25 us of a ~45 us call here (measured). So a thread without one (an XLA
+// worker) is given one for good: Ensure creates it and takes the GIL, SaveThread releases the GIL and keeps it; the
+// callback's own Ensure then finds it. A thread that has one already (a Python thread, holding the GIL or not) is
+// left as it is: the callback's Ensure and Release take and give back the GIL correctly there by themselves.
 using PythonCall = void* (*)();
-PythonCall gil_ensure = nullptr, save_thread = nullptr;
+PythonCall this_thread_state = nullptr, gil_ensure = nullptr, save_thread = nullptr;
 
 ffi::Error CallHostStep(Ids tokens, ffi::Result<Ids> forced, ffi::Result<MaskWords> masks, int64_t grammar) {
   const HostStep step = host_step.load();
   if (step == nullptr) return ffi::Error::Internal("no host step is set (qwen3moe_set_host_step)");
-  static thread_local bool has_thread_state = false;
-  if (!has_thread_state) {
+  const auto dims = masks->dimensions();
+  if (tokens.dimensions()[0] != dims[0] || forced->dimensions()[0] != dims[0]) {
+    return ffi::Error::InvalidArgument("the host step's tokens, forced tokens and masks need one row each");
+  }
+  if (this_thread_state() == nullptr) {
     gil_ensure();
     save_thread();
-    has_thread_state = true;
   }
-  const auto dims = masks->dimensions();
   if (step(grammar, dims[0], dims[1], tokens.typed_data(), forced->typed_data(), masks->typed_data()) != 0) {
     return ffi::Error::Internal("the grammar of a decode step failed (its error is in the log)");
   }
@@ -179,7 +182,8 @@ ffi::Error CallHostStep(Ids tokens, ffi::Result<Ids> forced, ffi::Result<MaskWor
 
 }  // namespace
 
-extern "C" void qwen3moe_set_host_step(HostStep step, PythonCall ensure, PythonCall save) {
+extern "C" void qwen3moe_set_host_step(HostStep step, PythonCall thread_state, PythonCall ensure, PythonCall save) {
+  this_thread_state = thread_state;
   gil_ensure = ensure;
   save_thread = save;
   host_step.store(step);

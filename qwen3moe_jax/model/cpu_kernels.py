@@ -110,9 +110,10 @@ def _build_and_register() -> str | None:
         return f"building or loading {SOURCE.name} failed: {e}"
     for target in TARGETS:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
-    library.qwen3moe_set_host_step.argtypes = [_HostStep, ctypes.c_void_p, ctypes.c_void_p]
-    library.qwen3moe_set_host_step(_HOST_STEP, ctypes.cast(ctypes.pythonapi.PyGILState_Ensure, ctypes.c_void_p),
-                                   ctypes.cast(ctypes.pythonapi.PyEval_SaveThread, ctypes.c_void_p))
+    library.qwen3moe_set_host_step.argtypes = [_HostStep, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    python = [ctypes.cast(getattr(ctypes.pythonapi, name), ctypes.c_void_p)
+              for name in ("PyGILState_GetThisThreadState", "PyGILState_Ensure", "PyEval_SaveThread")]
+    library.qwen3moe_set_host_step(_HOST_STEP, *python)
     return None
 
 

@@ -71,15 +71,55 @@ def attention(
     k_cache = constrain(write_cache(k_cache, k.transpose(0, 2, 1, 3), start), CACHE_AXES)
     v_cache = constrain(write_cache(v_cache, v.transpose(0, 2, 1, 3), start), CACHE_AXES)
 
-    keys, values = k_cache[:, :, :window], v_cache[:, :, :window]
     q = q.reshape(B, T, config.num_kv_heads, config.q_per_kv, config.head_dim)
-    scores = einsum("btkgd,bksd->bkgts", q, keys) * (config.head_dim**-0.5)
-    slots = jnp.arange(window)
-    visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, window]
+    out = attend(q, k_cache[:, :, :window], v_cache[:, :, :window], positions, config.head_dim**-0.5)
+    return einsum("bthd,hde->bte", out.reshape(B, T, config.num_heads, config.head_dim), p.o), k_cache, v_cache
+
+
+# Attention reads the cache in blocks of this many slots (the smallest window, engine.MIN_WINDOW). Each block is
+# reduced on its own and the blocks' sums are added in a fixed pairwise order, where a block past a row's position
+# adds exact zeros: a row's result is the same bits whatever window the step reads (the one its longest row needs).
+ATTENTION_BLOCK = 256
+
+
+def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float) -> Array:
+    """Causal softmax attention of queries q [B, T, KV, G, D] at `positions` [B, T] over keys and values
+    [B, KV, W, D] (slot s visible from position p when s <= p), in blocks of ATTENTION_BLOCK slots.
+
+    The scores are rounded as transformers rounds them (q . k in the model's dtype, the softmax in float32), but
+    the softmax is normalised after the probability-weighted values are summed, in float32: each block's
+    exp(score - max) and its share of the output, then the blocks added in a tree over a power-of-two count of
+    blocks (padded with masked ones). The max is exact in any order, a masked slot's weight is exactly 0, and
+    x + 0 == x, so blocks a row cannot see change none of its bits. Every sum is a batched matmul in canonical
+    form (batch axes first) or an explicit tree of additions, because XLA:CPU's reductions and dots in other
+    layouts round differently as the block count changes (measured)."""
+    B, T, KV, G, D = q.shape
+    W = keys.shape[2]
+    # A window below one block is the whole cache (there is no other window): one block, padded to a power of two.
+    block = min(ATTENTION_BLOCK, 1 << (W - 1).bit_length())
+    n = 1 << (-(-W // block) - 1).bit_length()
+    if n * block > W:  # pad to whole blocks, a power of two of them: padding slots are past every position
+        pad = ((0, 0), (0, 0), (0, n * block - W), (0, 0))
+        keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
+    scores = einsum("btkgd,bksd->bkgts", q, keys) * scale
+    visible = jnp.arange(n * block)[None, None, :] <= positions[:, :, None]  # [B, T, slots]
     scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = einsum("bkgts,bksd->btkgd", probs, values).reshape(B, T, config.num_heads, config.head_dim)
-    return einsum("bthd,hde->bte", out, p.o), k_cache, v_cache
+    top = jnp.max(scores, axis=-1, keepdims=True)  # exact in any order
+    weights = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0))
+    weights = weights.reshape(B, KV, G * T, n, block).transpose(0, 1, 3, 2, 4)  # [B, KV, n, G*T, block]
+    total = _pairwise_sum(_pairwise_sum(weights, axis=-1), axis=2)  # [B, KV, G*T]
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    parts = jnp.matmul(weights.astype(q.dtype), values.reshape(B, KV, n, block, D), precision=precision,
+                       preferred_element_type=jnp.float32)  # [B, KV, n, G*T, D]
+    out = _pairwise_sum(parts, axis=2) / total[..., None]
+    return out.reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
+
+def _pairwise_sum(x: Array, axis: int) -> Array:
+    """The sum over `axis` (a power-of-two length) as a fixed tree: neighbours added pairwise, level by level."""
+    while x.shape[axis] > 1:
+        x = jax.lax.slice_in_dim(x, 0, None, 2, axis) + jax.lax.slice_in_dim(x, 1, None, 2, axis)
+    return jnp.squeeze(x, axis)
 
 
 def write_cache(cache: Array, new: Array, start: Array) -> Array:

@@ -137,26 +137,42 @@ class Constraint:
 
 
 class BlockGrammar:
-    """The host side of the constrained rows of a decode block, which engine.decode_block calls after each step:
-    `rows` holds each row's Constraint (None: free), set by the scheduler before the block. `fill` makes each
-    constrained row's Constraint take the token its row sampled and writes the next step's forced tokens (-1:
-    none) and masks; calling the object does the same into new arrays (the form of jax's io_callback)."""
+    """The host side of the constrained rows of a decode block, which engine.decode_block calls after each step.
+    `begin` hands it each row's Constraint (None: free) before the block. `fill` makes each constrained row's
+    Constraint take the token its row sampled and writes the next step's forced tokens (-1: none) and masks;
+    calling the object does the same into new arrays (the form of jax's io_callback). A Constraint that raises is
+    that row's failure alone (`failures`, for the scheduler to end its request with): the row samples freely for
+    the rest of the block, and the other rows go on."""
 
     def __init__(self, rows: int, vocab_size: int, sharding: Any = None):
         self.rows: list[Constraint | None] = [None] * rows
         self.words = mask_words(vocab_size)
         self.sharding = sharding  # the device an io_callback runs on: process 0's, on a multi-process mesh
         self.host_step: int | None = None  # its number with cpu_kernels.host_step, where that calls it instead
+        self.failures: dict[int, tuple[int, Exception]] = {}  # row -> (the step whose token it failed on, error)
+        self._step = 0
+
+    def begin(self, rows: list[Constraint | None]) -> None:
+        """Take the rows' Constraints for the next decode block."""
+        self.rows, self.failures, self._step = list(rows), {}, 0
 
     def fill(self, tokens: np.ndarray, forced: np.ndarray, masks: np.ndarray) -> None:
         forced.fill(-1)
         masks.fill(ALL_ALLOWED)
         for b, constraint in enumerate(self.rows):
-            # A token the grammar refuses is recorded for its delivery, which ends the request with the reason.
-            if constraint is not None and constraint.take(int(tokens[b])):
-                forced[b] = constraint.next_forced
-                if forced[b] < 0:
-                    masks[b] = constraint.next_mask
+            if constraint is None:
+                continue
+            try:
+                # A token the grammar refuses is recorded for its delivery, which ends the request with the reason.
+                if constraint.take(int(tokens[b])):
+                    forced[b] = constraint.next_forced
+                    if forced[b] < 0:
+                        masks[b] = constraint.next_mask
+            except Exception as err:
+                self.failures[b] = (self._step, err)
+                self.rows[b] = None
+                forced[b], masks[b] = -1, ALL_ALLOWED
+        self._step += 1
 
     def __call__(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
         forced, masks = np.empty(len(self.rows), np.int32), np.empty((len(self.rows), self.words), np.int32)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +37,8 @@ from qwen3moe_jax.runtime.engine import Engine, StepTokens
 from qwen3moe_jax.runtime.generation import Event, Logprobs, RequestEvents
 from qwen3moe_jax.runtime.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
+
 # The SamplingParams fields the device reads; stop strings and ids are the host's business.
 DEVICE_FIELDS = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed")
 DEFAULT_CHUNKS_PER_STEP = 1
@@ -43,6 +46,10 @@ DEFAULT_CHUNKS_PER_STEP = 1
 
 class QueueFull(Qwen3MoeError):
     """The wait queue holds max_queue requests already: try again later."""
+
+
+class StepFailed(Qwen3MoeError):
+    """A device step failed: every request that held a row ended with this error, and the KV cache was reset."""
 
 
 Emit = Callable[[Any], None]  # an Event, an exception the request ended with, or None: the request is over
@@ -88,6 +95,7 @@ class Scheduler:
         self._lock = threading.Lock()  # guards `waiting` against submitting threads
         self._wake = threading.Condition(self._lock)
         self._stepping = threading.RLock()  # one step at a time
+        self._emitting = threading.RLock()  # a token's event and a cancel, one at a time
         self._admissions = itertools.count()
         self._sampling_changed = True
         self.generated_tokens = 0
@@ -98,15 +106,17 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue a request (raises QueueFull when max_queue requests wait already beyond the free rows)."""
         with self._lock:
-            if self.max_queue is not None and len(self.waiting) - self.rows.count(None) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a row already (max_queue "
-                                f"{self.max_queue})")
+            waiting = sum(not r.cancelled for r in self.waiting)  # a cancelled one leaves at the next step
+            if self.max_queue is not None and waiting - self.rows.count(None) >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for a row already (max_queue {self.max_queue})")
             self.waiting.append(request)
             self._wake.notify()
 
     def cancel(self, request: Request) -> None:
-        """End a request at the next step (its row is freed then); no more events reach it."""
-        request.cancelled = True
+        """End a request at the next step (its row is freed then). No token's event reaches it once this returns,
+        though a step may be running: its emitter gets only the end (None)."""
+        with self._emitting:
+            request.cancelled = True
         with self._lock:
             self._wake.notify()
 
@@ -164,15 +174,19 @@ class Scheduler:
         return [[e for e in box if e is not None] for box in boxes]
 
     def step(self) -> None:
-        """One iteration: cancels, admissions, at most chunks_per_step prompt chunks, one decode block."""
+        """One iteration: cancels, admissions, at most chunks_per_step prompt chunks, one decode block.
+
+        What fails on the host for one request (its grammar, its text, its callback) ends that request alone, with
+        the error; the other rows go on as if it had finished. A failed device step leaves the device state unknown
+        (its buffers were donated): the KV cache is reset and every request holding a row ends with StepFailed."""
         with self._stepping:
             self._drop_cancelled()
             self._admit()
             try:
                 if self._sampling_changed:
-                    self.call("set_sampling", rows=[None if r is None else
-                                                    {f: getattr(r.sampling, f) for f in DEVICE_FIELDS}
-                                                    for r in self.rows])
+                    self._device("set_sampling", rows=[None if r is None else
+                                                       {f: getattr(r.sampling, f) for f in DEVICE_FIELDS}
+                                                       for r in self.rows])
                     self._sampling_changed = False
                 prefilling = sorted((r for r in self.rows if r is not None and not r.decoding),
                                     key=lambda r: r.admitted)
@@ -180,12 +194,16 @@ class Scheduler:
                     self._prefill(request)
                 if any(r is not None and r.decoding for r in self.rows):
                     self._decode()
-            except Exception as err:  # a failed device step: the requests in the rows end with its error
+            except Exception as err:
+                failure = err if isinstance(err, StepFailed) else StepFailed(
+                    f"a scheduler step failed ({type(err).__name__}: {err}); every running request ended and the "
+                    "KV cache was reset")
+                log.error("%s", failure, exc_info=err)
                 self.engine.reset()
                 self._sampling_changed = True
                 for request in self.rows:
                     if request is not None:
-                        self._end(request, err)
+                        self._end(request, failure)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -206,21 +224,53 @@ class Scheduler:
                 self.rows[request.row] = request
                 self._sampling_changed = True
 
+    def _device(self, op: str, **kwargs: Any) -> StepTokens | None:
+        """Run an engine step and bring its tokens to the host (one transfer; their logprobs only when a request
+        asked for them). Any failure here is the device's: StepFailed."""
+        try:
+            out = self.call(op, **kwargs)
+            if out is None:
+                return None
+            if kwargs.get("logprobs"):
+                return StepTokens(*(np.asarray(a) for a in out))
+            return StepTokens(np.asarray(out.token), None, None, None)
+        except Exception as err:
+            raise StepFailed(f"the device step ({op}) failed: {type(err).__name__}: {err}; every running request "
+                             "ended and the KV cache was reset") from err
+
+    def _guarded(self, request: Request, work: Callable[[], None]) -> None:
+        """Run host-side work of one request; an exception in it ends that request alone, with the exception."""
+        try:
+            work()
+        except Exception as err:
+            self._fail(request, err)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.error("a request ended with an error of its own (the others go on): %s: %s", type(error).__name__, error)
+        self._end(request, error)
+
     def _prefill(self, request: Request) -> None:
         n, start = len(request.prompt), request.prefilled
         chunk = request.prompt[start: start + self.engine.chunk_size]
         last = start + len(chunk) == n
-        out = self.call("prefill", row=request.row, tokens=chunk, start=start, length=n,
-                        logprobs=request.sampling.logprobs is not None,
-                        allowed=request.constraint.mask() if last and request.constraint else None)
+        try:
+            allowed = request.constraint.mask() if last and request.constraint else None
+        except Exception as err:
+            self._fail(request, err)
+            return
+        out = self._device("prefill", row=request.row, tokens=chunk, start=start, length=n,
+                           logprobs=request.sampling.logprobs is not None, allowed=allowed)
         request.prefilled = start + len(chunk)
         if request.decoding:
             self.prompt_tokens += n
             request.position = n
-            out = _to_host(out, request.sampling.logprobs is not None)
-            if request.constraint is not None:
-                request.constraint.take(int(out.token[0, 0]))
-            self._take(request, out, 0, 0)
+
+            def first_token() -> None:
+                if request.constraint is not None:
+                    request.constraint.take(int(out.token[0, 0]))
+                self._take(request, out, 0, 0)
+
+            self._guarded(request, first_token)
 
     def _decode(self) -> None:
         active = [r is not None and r.decoding for r in self.rows]
@@ -228,21 +278,26 @@ class Scheduler:
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
         constraints = [r.constraint if r is not None else None for r in requests]
         constrained = any(c is not None for c in constraints)
-        self.engine.grammar.rows = constraints  # the block hands them its tokens, and they give the next masks
+        self.engine.grammar.begin(constraints)  # the block hands them its tokens, and they give the next masks
         forced = [c.next_forced if c else -1 for c in constraints]  # the first step's, from the last token taken
-        out = _to_host(self.call(
+        out = self._device(
             "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
             allowed=[c.next_mask if c else None for c in constraints] if constrained else None,
-            forced=forced if any(t >= 0 for t in forced) else None, constrained=constrained), logprobs)
-        steps = out.token.shape[0]
+            forced=forced if any(t >= 0 for t in forced) else None, constrained=constrained)
+        failures = self.engine.grammar.failures  # {row: (step, error)}: a grammar that raised, inside the block
         for b, request in enumerate(requests):
-            if request is None:
-                continue
-            for step in range(steps):
-                if request.finished:
-                    break
-                self._take(request, out, step, b)
-            request.position += steps
+            if request is not None:
+                self._guarded(request, lambda b=b, request=request: self._deliver(request, out, b, failures.get(b)))
+                request.position += out.token.shape[0]
+
+    def _deliver(self, request: Request, out: StepTokens, col: int, failure: tuple[int, Exception] | None) -> None:
+        """Deliver the request's tokens of a decode block, up to the step its grammar failed at, if it did."""
+        for step in range(out.token.shape[0]):
+            if request.finished or request.cancelled:
+                return
+            if failure is not None and step == failure[0]:
+                raise failure[1]
+            self._take(request, out, step, col)
 
     def _take(self, request: Request, out: StepTokens, step: int, col: int) -> None:
         """Deliver the request's token of `step` (its constraint has taken it already)."""
@@ -259,12 +314,11 @@ class Scheduler:
             (int(i), float(p)) for i, p in zip(out.top_ids[step, col, :n], out.top_logprob[step, col, :n],
                                                strict=True)))
         self.generated_tokens += 1
-        try:
-            event = request.events.push(token, logprobs, complete=complete)
-        except Exception as err:  # the request's own on_token callback failed: it alone ends
-            self._end(request, err)
-            return
-        request.emit(event)
+        event = request.events.push(token, logprobs, complete=complete)
+        with self._emitting:
+            if request.cancelled:  # cancelled while this step ran: nothing more reaches it
+                return
+            request.emit(event)
         if event.finish_reason is not None:
             self._end(request)
 
@@ -274,13 +328,9 @@ class Scheduler:
         request.finished = True
         if request.row is not None and self.rows[request.row] is request:
             self.rows[request.row] = None
-        if error is not None:
-            request.emit(error)
-        request.emit(None)
-
-
-def _to_host(out: StepTokens, logprobs: bool) -> StepTokens:
-    """One transfer of the step's tokens (and their logprobs only when a request asked for them)."""
-    if logprobs:
-        return StepTokens(*(np.asarray(a) for a in out))
-    return StepTokens(np.asarray(out.token), None, None, None)
+        try:
+            if error is not None:
+                request.emit(error)
+            request.emit(None)
+        except Exception:  # its consumer's failure is no other request's business
+            log.exception("a request's emitter failed while it ended")

@@ -53,6 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from qwen3moe_jax.api import Model
+from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.runtime.scheduler import QueueFull
 from qwen3moe_jax.serve.http import DEFAULT_MAX_REQUEST_BYTES, ApiError, Gate, JsonRoute, is_loopback, validation_error
 from qwen3moe_jax.serve.jobs import Job, Worker
@@ -72,6 +73,8 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
     scheduler's own setting); on_shutdown runs after the loop stops."""
     scheduler = model.scheduler
     if max_queue is not None:
+        if max_queue < 0:
+            raise ConfigError(f"max_queue must be 0 or more, got {max_queue}")
         scheduler.max_queue = max_queue
     metrics = Metrics(scheduler)
 

@@ -20,6 +20,7 @@ from qwen3moe_jax.serve.http import ApiError
 from qwen3moe_jax.serve.reasoning import prompt_opens_thinking
 from qwen3moe_jax.serve.reply import ReplyFormat
 from qwen3moe_jax.serve.schemas import BaseRequest, ChatRequest, CompletionRequest, Message, NamedToolChoice
+from qwen3moe_jax.serve.tokenizer_process import TokenizerUnavailable
 from qwen3moe_jax.serve.tool_calls import parameters_validator
 
 
@@ -88,7 +89,7 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
     schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools} if tools else None
     reply = ReplyFormat(reasoning=thinking, opened=thinking and prompt_opens_thinking(text),
                         tools=schemas, stream_arguments=must_call is not None)
-    prompt = encode(text)
+    prompt = _tokenized(encode, text)
     params, asked_by = _constrained(model, body, params, must_call, reply, len(prompt))
     return dataclasses.replace(_checked(model, prompt, params, "messages", asked_by), reply=reply)
 
@@ -167,7 +168,15 @@ def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) ->
         return _checked(model, body.prompt, params, "prompt")
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt", "invalid_value")
-    return _checked(model, encode(body.prompt), params, "prompt")
+    return _checked(model, _tokenized(encode, body.prompt), params, "prompt")
+
+
+def _tokenized(encode: Encode, text: str) -> list[int]:
+    try:
+        return encode(text)
+    except TokenizerUnavailable as err:  # the server's fault, not the request's: it may be sent again
+        raise ApiError(503, f"{err}; retry shortly", kind="server_error", code="tokenizer_unavailable",
+                       headers={"Retry-After": "1"}) from err
 
 
 def _checked(model: Model, prompt: list[int], sampling: SamplingParams, param: str,

@@ -35,7 +35,8 @@ async def respond(job: Job, body: BaseRequest, request: Request, chat: bool, nam
         return ApiError(500, f"generation failed: {err}", kind="server_error").response()
     finally:
         watcher.cancel()
-    if not events:  # cancelled before it started: its client has gone, so nobody reads this
+    if not events or events[-1].finish_reason is None:
+        # It ended without a last event: cancelled, because its client left. Nobody reads this answer.
         return ApiError(400, "the request was cancelled", code="cancelled").response()
     return shape.whole(events)
 

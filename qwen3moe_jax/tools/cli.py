@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
@@ -226,6 +227,19 @@ def _gpu_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -267,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile prefill for prompts up to this length before serving (one program per power of "
                           "two from 16); lower starts sooner, and a longer prompt compiles its bucket on first use "
                           "(default: %(default)s)")
-    srv.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+    srv.add_argument("--max-batch", type=_at_least(1), default=DEFAULT_MAX_BATCH,
                      help="requests that share each decode step (KV-cache rows) (default: %(default)s)")
-    srv.add_argument("--max-queue", type=int, default=64,
+    srv.add_argument("--max-queue", type=_at_least(0), default=64,
                      help="requests that may wait for a row; more get 503 with Retry-After (default: %(default)s)")
     srv.add_argument("--api-key", default=os.environ.get("QWEN3MOE_JAX_API_KEY") or None,
                      help="require 'Authorization: Bearer KEY' on every /v1 route (default: the environment "

@@ -110,19 +110,24 @@ class KernelResult:
     compile_s: float | None
     temp_bytes: int | None  # XLA's temporary buffers for the compiled block
     note: str = ""
+    # max |output - the gather kernel's output| / max |the gather kernel's output|: every kernel computes the same
+    # block, so a kernel that is fast because it is wrong shows here (rounding alone: ~1e-2 in bfloat16)
+    error_vs_gather: float | None = None
 
 
 def kernel_bench(config: ModelConfig, dtype: str, sizes: list[int], repeats: int,
                  progress: Callable[[str], None]) -> list[KernelResult]:
-    """Every kernel of MOE_KERNELS on one MoE layer's weights (drawn on the device) at each token count in sizes.
-    A size whose temporary buffers would not fit in the free device memory is skipped, with the reason."""
+    """Every kernel of MOE_KERNELS on one MoE layer's weights (drawn on the device) at each token count in sizes,
+    timed and checked against the gather kernel's output. A size whose temporary buffers would not fit in the free
+    device memory is skipped, with the reason."""
     layer = next(i for i in range(config.num_layers) if config.is_moe_layer(i))
     weights = device_params(config.replace(num_layers=layer + 1), dtype) or device_params(config.replace(
         num_layers=layer + 1), "bfloat16")
     params: MoEParams = weights.layers[layer].mlp
     compute = params.router.dtype
     results = []
-    for kernel in MOE_KERNELS:
+    gathered: dict[int, Any] = {}  # tokens -> the gather kernel's output, the reference of the others
+    for kernel in ("gather", *(k for k in MOE_KERNELS if k != "gather")):
         if kernel == "cpu" and choose_moe_kernel("auto", 1, config.num_experts, params.gate) != "cpu":
             results += [KernelResult(kernel, kernel, tokens, None, None, None, "not run: float32 weights on the CPU "
                                      "backend only") for tokens in sizes]
@@ -147,7 +152,7 @@ def kernel_bench(config: ModelConfig, dtype: str, sizes: list[int], repeats: int
                 results.append(KernelResult(kernel, runs_as, tokens, None, compile_s, temp, note))
                 continue
             try:
-                jax.block_until_ready(compiled(params, x))
+                out = np.asarray(compiled(params, x)[0], np.float32)
                 times = []
                 for _ in range(repeats):
                     start = time.perf_counter()
@@ -156,7 +161,10 @@ def kernel_bench(config: ModelConfig, dtype: str, sizes: list[int], repeats: int
             except Exception as err:  # noqa: BLE001 - e.g. out of memory: recorded, the suite goes on
                 results.append(KernelResult(kernel, runs_as, tokens, None, compile_s, temp, f"failed: {err}"[:300]))
                 continue
-            results.append(KernelResult(kernel, runs_as, tokens, statistics.median(times) * 1e3, compile_s, temp))
+            reference = gathered.setdefault(tokens, out)
+            error = float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-30))
+            results.append(KernelResult(kernel, runs_as, tokens, statistics.median(times) * 1e3, compile_s, temp,
+                                        error_vs_gather=error))
     return results
 
 
@@ -304,13 +312,17 @@ def format_report(report: dict[str, Any]) -> str:
         shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
         met = "-" if t["met"] is None else "yes" if t["met"] else "NO"
         lines.append(f"| {t['target']} | {t['goal']} | {shown} | {met} |")
-    lines += ["", "MoE kernels, one layer's experts (ms: median; temp: XLA's temporary buffers):", "",
-              "| kernel | runs as | tokens | ms | compile s | temp MiB | note |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["", "MoE kernels, one layer's experts (ms: median; temp: XLA's temporary buffers; error: max "
+              "|difference| from the gather kernel's output, relative to its largest value):", "",
+              "| kernel | runs as | tokens | ms | compile s | temp MiB | error | note |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for k in report["kernels"]:
         ms = "" if k["ms"] is None else f"{k['ms']:.3f}"
         comp = "" if k["compile_s"] is None else f"{k['compile_s']:.1f}"
         temp = "" if k["temp_bytes"] is None else f"{k['temp_bytes'] / 2**20:,.1f}"
-        lines.append(f"| {k['kernel']} | {k['runs_as']} | {k['tokens']} | {ms} | {comp} | {temp} | {k['note']} |")
+        error = "" if k.get("error_vs_gather") is None else f"{k['error_vs_gather']:.1e}"
+        lines.append(f"| {k['kernel']} | {k['runs_as']} | {k['tokens']} | {ms} | {comp} | {temp} | {error} | "
+                     f"{k['note']} |")
     for dtype, b in report["batch_prefill"].items():
         shown = b.get("error") or f"{b['seconds'] * 1e3:,.1f} ms ({b['tokens_per_s']:,.0f} tokens/s)"
         lines += ["", f"{dtype}: prefill of {b['batch']} x {b['tokens']} tokens at once: {shown}"]

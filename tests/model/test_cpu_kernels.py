@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,39 @@ def test_a_host_step_that_fails_fails_its_jit_step_with_a_pointer_to_the_log(cap
     with pytest.raises(Exception, match="the grammar of a decode step failed"):
         jax.block_until_ready(jax.jit(lambda t: cpu_kernels.host_step(number, t, 3))(jnp.zeros(2, jnp.int32)))
     assert "the grammar broke" in caplog.text
+
+
+def test_host_step_is_safe_whatever_thread_calls_it():
+    """The host step runs on whichever thread XLA runs the step on, with the GIL held there or not: Python threads
+    calling the step at once (and this one between them) each get their own answers, and none hangs."""
+    recorder = _Recorder()
+    number = cpu_kernels.register_host_step(recorder.fill)
+    step = jax.jit(lambda t: cpu_kernels.host_step(number, t, 4))
+    failures: list[str] = []
+
+    def run(start: int) -> None:
+        for i in range(25):
+            tokens = np.array([start + i, start - i], np.int32)
+            forced, _ = step(jnp.asarray(tokens))
+            if not np.array_equal(np.asarray(forced), tokens + 1):
+                failures.append(f"thread {start}, call {i}: {np.asarray(forced)}")
+
+    threads = [threading.Thread(target=run, args=(1000 * k,)) for k in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    run(0)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a host step hung"
+    assert not failures, failures
+
+
+def test_host_step_refuses_masks_of_another_row_count():
+    number = cpu_kernels.register_host_step(_Recorder().fill)
+    call = jax.ffi.ffi_call("qwen3moe_cpu_host_step", (jax.ShapeDtypeStruct((2,), jnp.int32),
+                                                       jax.ShapeDtypeStruct((3, 4), jnp.int32)))
+    with pytest.raises(Exception, match="one row each"):
+        jax.block_until_ready(jax.jit(lambda t: call(t, grammar=np.int64(number)))(jnp.zeros(2, jnp.int32)))
 
 
 def test_asking_whether_the_kernels_are_available_compiles_nothing(tmp_path):

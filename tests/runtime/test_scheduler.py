@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.runtime.generation import collect
+from qwen3moe_jax.runtime.generation import Event, collect
 from qwen3moe_jax.runtime.scheduler import QueueFull, Scheduler
 
 MAX_BATCH = 4
@@ -82,6 +82,35 @@ def test_staggered_arrivals_mixed_sampling_and_a_cancel_change_no_request(model,
         assert _result(collect(iter(box[:-1]))) == alone[i], f"request {i} (row {rows[i]})"
 
 
+@pytest.fixture(scope="module")
+def long_model():
+    """A cache long enough for the decode window to cross sizes: 256, 512, 1,024 and 1,100 slots (the last capped at
+    the cache length, not a power of two)."""
+    return qj.random_model("tiny", seed=5, std=0.2, max_seq_len=1100, max_batch=2, decode_steps=2)
+
+
+@pytest.mark.parametrize("sampling", [
+    qj.SamplingParams(max_new_tokens=150, logprobs=3, stop_token_ids=()),
+    qj.SamplingParams(max_new_tokens=150, temperature=0.9, top_p=0.95, seed=4, logprobs=3, stop_token_ids=()),
+], ids=["greedy", "seeded"])
+def test_a_short_request_is_bit_for_bit_itself_beside_a_long_one_whatever_window_the_block_reads(long_model, sampling):
+    """The decode block reads the window its longest row needs: alone, a 20-token request's blocks read 256
+    slots; beside a 900-token one they read 1,024, then 1,100 once the long one passes position 1,022. Attention
+    runs in blocks of 256 slots summed in a fixed order, where a block past a row's position adds exact zeros: the
+    short request's tokens and logprobs are the same bits either way (and so are the long one's against its own
+    run alone)."""
+    rng = np.random.default_rng(1)
+    short, long = rng.integers(0, 256, 20).tolist(), rng.integers(0, 256, 900).tolist()
+    long_sampling = dataclass_stop_free(qj.SamplingParams(max_new_tokens=160, temperature=1.0, seed=9, logprobs=2))
+    alone_short = _result(long_model.complete(short, sampling=sampling))
+    alone_long = _result(long_model.complete(long, sampling=long_sampling))
+    together = long_model.complete_batch([long, short], [long_sampling, sampling])
+    windows = {long_model.engine.decode_window(900 + step) for step in range(0, 150, 2)}
+    assert windows == {1024, 1100}  # the windows the long row takes the short one's blocks through
+    assert _result(together[1]) == alone_short
+    assert _result(together[0]) == alone_long
+
+
 def test_complete_batch_returns_each_prompt_what_it_gets_alone_in_order(model, alone):
     prompts, settings = zip(*_requests(), strict=True)
     results = model.complete_batch(list(prompts), list(settings))
@@ -101,6 +130,30 @@ def test_the_wait_queue_is_bounded():
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
     with pytest.raises(QueueFull, match="3 requests are waiting for a row already \\(max_queue 2\\)"):
         scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
+    scheduler.cancel(scheduler.waiting[1])  # it leaves at the next step, and no longer takes a place
+    scheduler.submit(model.request([1, 2, 3], qj.SamplingParams(max_new_tokens=2)))
+
+
+def test_a_cancelled_request_gets_no_token_of_the_block_running_when_it_was_cancelled(model):
+    """A cancel from another request's event (so, while a decode block's tokens are being delivered): the
+    cancelled request's later tokens of that block are not delivered; it gets only its end."""
+    sampling = qj.SamplingParams(max_new_tokens=20, stop_token_ids=())
+    first, second = model.request([1, 2, 3], sampling), model.request([4, 5, 6], sampling)
+    got: list = []
+    seen_at_cancel: list[int] = []
+
+    def first_emit(item) -> None:  # first holds the lower row: its tokens of a block are delivered before second's
+        if isinstance(item, Event) and len(got) >= 3 and not seen_at_cancel:
+            seen_at_cancel.append(len(got))
+            model.scheduler.cancel(second)
+
+    first.emit, second.emit = first_emit, got.append
+    model.scheduler.submit(first)
+    model.scheduler.submit(second)
+    while not (first.finished and second.finished):
+        model.scheduler.step()
+    assert seen_at_cancel and got[-1] is None
+    assert len(got) - 1 == seen_at_cancel[0]  # nothing after the cancel but the end
 
 
 def _penalised_greedy_numpy(model, prompt: list[int], new_tokens: int, penalty: float, last_n: int) -> list[int]:
@@ -118,7 +171,7 @@ def _penalised_greedy_numpy(model, prompt: list[int], new_tokens: int, penalty: 
     return history[len(prompt):]
 
 
-@pytest.mark.parametrize("last_n", [0, 1, 2, 4, 5, 7, 8, 64])
+@pytest.mark.parametrize("last_n", [0, 1, 2, 4, 5, 6, 7, 8, 64])
 def test_the_repetition_window_against_numpy_over_the_true_history(model, last_n):
     """repeat_last_n from 0 (off) and 1 (the last token only) to more than the whole history, around the
     prompt's length (6). A large penalty makes every token in the window lose; for this prompt the reference's

@@ -464,6 +464,9 @@ def test_health_answers_within_100_ms_while_a_1_mb_prompt_is_prepared(server):
 
 
 def test_a_client_that_leaves_a_whole_response_cancels_it_at_the_next_token(server, local):
+    """SSE-4 for a whole response: the request stops, is counted as cancelled, leaves no traceback in the server's
+    log (the reply it would have been is never built), and the next request is served."""
+    log_start = len(server.log())
     wanted = MAX_SEQ_LEN - 8
     alone = local.complete("a", wanted, temperature=1.0, seed=4, stop_token_ids=local.config.eos_token_ids)
     assert alone.finish_reason == "max_new_tokens"  # so only a cancel can end it early
@@ -489,6 +492,12 @@ def test_a_client_that_leaves_a_whole_response_cancels_it_at_the_next_token(serv
     print(f"the client left; the server decoded {decoded} of {wanted} tokens")
     assert after[cancelled] == before.get(cancelled, 0) + 1
     assert decoded < wanted
+    next_reply = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 5,
+                                                               "temperature": 1.0, "seed": 4}, timeout=60)
+    assert next_reply.status_code == 200
+    assert next_reply.json()["choices"][0]["text"] == local.complete("a", 5, temperature=1.0, seed=4).text
+    log = server.log()[log_start:]
+    assert "Traceback" not in log and "Error" not in log, log
 
 
 def test_an_unexpected_error_answers_500_with_an_error_object_and_the_app_keeps_serving(local, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import qwen3moe_jax as qj
 from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.tools.cli import main
@@ -33,3 +35,13 @@ def test_chat_prints_only_the_reply(capsys, tmp_path, bpe_tokenizer):
 def test_bad_input_is_one_error_line(capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
+
+
+def test_serve_refuses_a_negative_queue_or_an_empty_batch_before_loading_anything(capsys):
+    """--max-queue -1 would turn every request away with 503; --max-batch 0 would serve none."""
+    for flag, value, message in (("--max-queue", "-1", "must be at least 0, got -1"),
+                                 ("--max-batch", "0", "must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", "--preset", "tiny", flag, value])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err

@@ -43,6 +43,11 @@ def test_gpu_suite_dry_run_writes_every_figure(tmp_path, capsys):
     assert {k["note"] for k in report["kernels"] if k["kernel"] == "cpu"} == {
         "not run: float32 weights on the CPU backend only"}
     assert {k["runs_as"] for k in report["kernels"] if k["kernel"] == "auto"} == {"gather", "blocked"}
+    # Each kernel computes the gather kernel's block: bfloat16 rounding apart, a wrong kernel would show here.
+    errors = {(k["kernel"], k["tokens"]): k["error_vs_gather"] for k in report["kernels"] if k["ms"] is not None}
+    assert all(errors[("gather", tokens)] == 0 for tokens in (1, 2, 16))
+    assert max(errors.values()) < 2e-2, errors
+    assert "| error |" in json_path.with_suffix(".md").read_text()
 
     single, batches = report["runs"]["bfloat16"]["batch 1"], report["runs"]["bfloat16"]["batches"]
     assert [p["tokens"] for p in single["prefill"]] == [16, 24] and single["max_seq_len"] == 24 + 4
