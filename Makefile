@@ -46,9 +46,9 @@ $(LLAMA_CPP_WHEELS)/.complete: | $(BIN)/python
 # llama-cpp-python goes in first, from the portable wheel (the file itself, so pip cannot pick another build);
 # the test extra then finds it installed at the pinned version.
 $(VENV)/.installed-test: pyproject.toml $(LLAMA_CPP_WHEELS)/.complete | $(BIN)/python
-	@echo "Installing the package with its test extras (torch, transformers, llama.cpp's wheel): a few minutes"
+	@echo "Installing the package with its test extras (torch, transformers, llama.cpp's wheel, the CUDA compile plugin): a few minutes"
 	$(BIN)/pip install --no-cache-dir $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,aot]'
 	touch $@
 
 demo: $(VENV)/.installed-core

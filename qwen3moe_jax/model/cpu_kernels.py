@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.model import backend
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = ("qwen3moe_cpu_matmul", "qwen3moe_cpu_experts_swiglu", "qwen3moe_cpu_host_step")
@@ -152,7 +153,7 @@ def matmul_form(spec: str, x: jax.Array, w: jax.Array) -> tuple[int, int, int] |
     """(M, K, N) when einsum(spec, x, w) is x [M, K] @ w [K, N] up to reshapes (x's trailing axes contracted with
     w's leading ones, in order) and `matmul` should run it here: float32 operands, at most MATMUL_MAX_ROWS rows and
     MATMUL_MAX_WEIGHT_BYTES of weights, the CPU backend and the kernels available. None otherwise."""
-    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    if backend.platform() != "cpu" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
         return None
     inputs, out = spec.split("->")
     lhs, rhs = inputs.split(",")

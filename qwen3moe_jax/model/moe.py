@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen3moe_jax.errors import ConfigError
-from qwen3moe_jax.model import cpu_kernels
+from qwen3moe_jax.model import backend, cpu_kernels
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.matmul import einsum
 from qwen3moe_jax.model.moe_kernels import (
@@ -21,7 +21,7 @@ from qwen3moe_jax.model.moe_kernels import (
     experts_swiglu_ragged,
 )
 from qwen3moe_jax.model.params import MOE_AXES, MoEParams
-from qwen3moe_jax.model.quant import INT4
+from qwen3moe_jax.model.quant import QuantizedWeight
 from qwen3moe_jax.model.sharding import logical_spec, mesh_sizes
 
 Array = jax.Array
@@ -124,10 +124,12 @@ def _combine(pair_rows: Array, weights: Array, dtype: Any) -> Array:
 # - "ragged": lax.ragged_dot, the grouped GEMM of backends that have one (TPU). XLA:GPU (jax 0.9-0.11) lowers
 #   it to a dense batched dot over ALL experts (tokens x experts x FFN), XLA:CPU to a loop over all experts.
 # - "pallas": a Pallas grouped matmul over the blocked form's blocks that reads each block's expert weights in
-#   place, no gathered copy (pallas_moe.py): Triton on GPU, Pallas' interpreter elsewhere (slow: for tests).
+#   place (float, int8 or int4), no gathered copy (pallas_moe.py): Triton on GPU, Pallas' interpreter elsewhere
+#   (slow: for tests).
 # - "cpu": each pair's SwiGLU by a C++ kernel called through XLA's FFI that reads the chosen experts' float32
-#   weights in place (cpu_kernels.py, compiled on first use): the CPU backend's decode kernel.
-# "auto" picks per compiled shape from the backend, the number of pairs and the weights; see choose_moe_kernel.
+#   weights in place (cpu_kernels.py, built by cpu_kernels.build): the CPU backend's decode kernel.
+# "auto" picks per compiled shape from the platform traced for (backend.py), the number of pairs and the weights;
+# see choose_moe_kernel.
 MOE_KERNELS = ("auto", "gather", "blocked", "ragged", "pallas", "cpu")
 
 
@@ -135,13 +137,10 @@ def check_moe_kernel(name: str, dtype: Any = None) -> str:
     """name, if it is one of MOE_KERNELS (and reads weights of `dtype`, when given); else a ConfigError."""
     if name not in MOE_KERNELS:
         raise ConfigError(f"moe_kernel must be one of {', '.join(MOE_KERNELS)}, got {name!r}")
-    if name == "pallas" and dtype is not None and np.dtype(dtype) == INT4:
-        raise ConfigError("moe_kernel 'pallas' reads float and int8 expert weights, not int4: use 'auto', "
-                          "'gather' or 'blocked' with dtype int4")
     if name == "cpu" and dtype is not None:
-        if np.dtype(dtype) != np.float32 or jax.default_backend() != "cpu":
+        if np.dtype(dtype) != np.float32 or backend.platform() != "cpu":
             raise ConfigError("moe_kernel 'cpu' multiplies float32 expert weights on the CPU backend: use 'auto' "
-                              f"or 'gather' (here dtype {np.dtype(dtype).name}, backend {jax.default_backend()})")
+                              f"or 'gather' (here dtype {np.dtype(dtype).name}, backend {backend.platform()})")
         if (reason := cpu_kernels.build(quiet=True)) is not None:  # refused, so no "XLA's ops run instead" warning
             raise ConfigError(f"moe_kernel 'cpu' cannot run here: {reason}")
     return name
@@ -153,16 +152,20 @@ def choose_moe_kernel(name: str, pairs: int, experts: int, weights: Any = None) 
     ragged_dot where it is native (TPU); elsewhere, while the pairs are no more than the experts (decode), the
     per-pair kernels: "cpu" for float32 weights on the CPU backend where it could be compiled, else the gather
     (it reads as many expert matrices as blocked does with b = 1, without the sort and scatter); then the blocked
-    form (prefill: whole blocks per expert, never tokens x experts)."""
+    form (prefill: whole blocks per expert, never tokens x experts). On a GPU, int8 and int4 experts take "pallas"
+    at every size: it reads the stored weights in place, where XLA writes the gathered blocks' dequantized weights
+    out before its matmuls (found by compiling for an H100: `qwen3moe-jax aot`)."""
     if check_moe_kernel(name) != "auto":
         return name
-    backend = jax.default_backend()
-    if backend == "tpu":
+    target = backend.platform()
+    if target == "tpu":
         return "ragged"
+    if target == "gpu" and isinstance(weights, QuantizedWeight):
+        return "pallas"
     if pairs > experts:
         return "blocked"
     float32 = isinstance(weights, jax.Array | jax.ShapeDtypeStruct) and weights.dtype == jnp.float32
-    return "cpu" if backend == "cpu" and float32 and cpu_kernels.available() else "gather"
+    return "cpu" if target == "cpu" and float32 and cpu_kernels.available() else "gather"
 
 
 def experts_swiglu(p: MoEParams, rows: Array, row_expert: Array, group_sizes: Array, kernel: str = "auto") -> Array:

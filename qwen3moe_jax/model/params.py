@@ -18,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from qwen3moe_jax.model.config import ModelConfig
-from qwen3moe_jax.model.quant import QuantizedWeight, host_param
+from qwen3moe_jax.model.quant import QuantizedWeight, host_param, stored_shape
 from qwen3moe_jax.model.sharding import place
 
 
@@ -161,6 +161,18 @@ def init_params(
     return jax.tree_util.tree_unflatten(
         treedef, [make(i, param_name(path), spec) for i, (path, spec) in enumerate(leaves)]
     )
+
+
+def abstract_params(config: ModelConfig, dtype: Any, sharding: Any = None) -> Params:
+    """The params pytree `load` would make for `dtype`, as jax.ShapeDtypeStruct leaves (on `sharding`, when
+    given): for compiling ahead of time and planning memory, with no weight allocated."""
+    def leaf(name: str, spec: ParamSpec) -> Any:
+        stored = stored_shape(name, spec.axes, spec.shape, dtype)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), stored)
+
+    specs = param_specs(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+    return jax.tree_util.tree_unflatten(treedef, [leaf(param_name(path), spec) for path, spec in flat])
 
 
 def param_count(config: ModelConfig) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -218,6 +219,26 @@ def is_int4_groupable(axes: tuple[str, ...], shape: tuple[int, ...]) -> bool:
     """Whether a matrix is_quantized picks divides into int4's groups of 32 along its group axis; one that
     does not (a test preset's head_dim of 24) stays in the compute dtype, as a GGUF writer keeps it float."""
     return shape[group_axis(axes)] % GROUP == 0
+
+
+def stored_shape(name: str, axes: tuple[str, ...], shape: tuple[int, ...],
+                 dtype: Any) -> jax.ShapeDtypeStruct | QuantizedWeight:
+    """What host_param makes of a float weight of `shape` for `dtype`, as shapes and dtypes only (nothing is
+    allocated): the compute dtype's array, or the QuantizedWeight's arrays (int8: values and a float32 scale with
+    the contracted axes of size 1; int4: two weights a byte and a float16 scale per group of 32, as quantized from
+    float weights or a Q4_0 file; a Q4_K file's groups add a float16 offset each, which this leaves out)."""
+    dtype = np.dtype(dtype)
+    compute = INT8_COMPUTE_DTYPE if dtype in (np.int8, INT4) else dtype
+    if dtype not in (np.int8, INT4) or not is_quantized(name, axes) or (
+            dtype == INT4 and not is_int4_groupable(axes, shape)):
+        return jax.ShapeDtypeStruct(shape, compute)
+    if dtype == np.int8:
+        scale = tuple(1 if i in contracted_axes(axes) else d for i, d in enumerate(shape))
+        return QuantizedWeight(jax.ShapeDtypeStruct(shape, np.int8), jax.ShapeDtypeStruct(scale, np.float32))
+    axis = group_axis(axes)
+    packed, grouped = ([d // per if i == axis else d for i, d in enumerate(shape)] for per in (2, GROUP))
+    return QuantizedWeight(jax.ShapeDtypeStruct(tuple(packed), np.uint8), jax.ShapeDtypeStruct(tuple(grouped),
+                                                                                              np.float16))
 
 
 def host_param(name: str, axes: tuple[str, ...], array: np.ndarray | QuantizedWeight,

@@ -29,7 +29,7 @@ from flax import struct
 from jax.experimental import io_callback
 
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
-from qwen3moe_jax.model import cpu_kernels
+from qwen3moe_jax.model import backend, cpu_kernels
 from qwen3moe_jax.model.cache import KVCache
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
@@ -194,10 +194,15 @@ class Engine:
     request state: which row holds what, and where, is the caller's (the scheduler's) business. Every
     method takes plain Python values, so a multi-host leader can send a call to its followers as is
     (`call`).
+
+    With a compile-only `device` (jax.experimental.topologies: a GPU's, say, on a CPU host) the engine holds
+    abstract params (jax.ShapeDtypeStruct leaves on that device) and state: nothing is allocated, and its steps
+    can only be traced (`trace`), exactly as they would run there (tools/aot.py compiles them).
     """
 
     def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS,
+                 device: jax.Device | None = None):
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise Qwen3MoeError(f"prefill_chunk must be a power of two >= 1, got {prefill_chunk}")
         if decode_steps < 1:
@@ -214,17 +219,33 @@ class Engine:
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
         self._constants: dict[tuple, jax.Array] = {}
+        self.device = device
+        self._tracing = False
         # The constrained rows' grammar, which a decode block calls after each step. An io_callback runs on one
         # device: on a multi-process mesh, one of process 0's, which holds the requests.
         host = None if mesh is None else next(d for d in mesh.devices.flat if d.process_index == 0)
         self.grammar = BlockGrammar(batch_size, config.vocab_size, host and jax.sharding.SingleDeviceSharding(host))
         # The CPU backend's decode kernels (and the grammar's host call) are built here, once per machine.
-        if jax.default_backend() == "cpu" and cpu_kernels.build() is None and mesh is None:
+        if self.platform == "cpu" and cpu_kernels.build() is None and mesh is None:
             self.grammar.host_step = cpu_kernels.register_host_step(self.grammar.fill)
 
     @property
     def dtype(self) -> Any:
         return self.params.embed.dtype
+
+    @property
+    def platform(self) -> str:
+        """The platform the steps run (or, with a compile-only device, are traced) for."""
+        return self.device.platform if self.device is not None else jax.default_backend()
+
+    def _put(self, host: Any) -> Any:
+        """Host values (a pytree) as the steps take them: on the device (replicated over the mesh), or as abstract
+        values on the compile-only device."""
+        if self.device is None:
+            return replicate(host, self.mesh)
+        on_device = jax.sharding.SingleDeviceSharding(self.device)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a), sharding=on_device),
+                            host)
 
     @property
     def cache(self) -> KVCache:
@@ -234,15 +255,40 @@ class Engine:
     def _state(self) -> Slots:
         if self._slots is None:
             B, S = self.batch_size, self.max_seq_len
-            self._slots = Slots(KVCache.init(self.config, B, S, self.dtype, self.mesh),
-                                *replicate((np.zeros((B, S), np.int32), np.zeros(B, np.int32)), self.mesh))
+            if self.device is not None:
+                cache = self._put(jax.eval_shape(lambda: KVCache.init(self.config, B, S, self.dtype)))
+            else:
+                cache = KVCache.init(self.config, B, S, self.dtype, self.mesh)
+            self._slots = Slots(cache, *self._put((np.zeros((B, S), np.int32), np.zeros(B, np.int32))))
         return self._slots
 
     def _take_state(self) -> Slots:
         # Taken out while a step runs: if it fails after donating the buffers, the next step allocates
-        # fresh ones rather than touching deleted arrays.
+        # fresh ones rather than touching deleted arrays. A step only traced leaves it in place.
+        if self._tracing:
+            return self._state()
         slots, self._slots = self._state(), None
         return slots
+
+    def _run(self, step: Callable, *args: Any) -> Any:
+        """Run a jit step on the state (or, while tracing, trace it: see `trace`) and keep the state it returns."""
+        with use_mesh(self.mesh):
+            if self._tracing:
+                return step.trace(*args)
+            out, self._slots, *_ = step(*args)
+        return out
+
+    def trace(self, op: str, **kwargs: Any) -> jax.stages.Traced:
+        """The step `call(op, **kwargs)` would run ("prefill" or "decode"), traced for this engine's platform and
+        not run: `.lower().compile()` compiles it ahead of time, on a compile-only device too."""
+        if op not in ("prefill", "decode"):
+            raise Qwen3MoeError(f"only the prefill and decode steps are traced, not {op!r}")
+        self._tracing = True
+        try:
+            with backend.tracing_for(self.platform):
+                return getattr(self, op)(**kwargs)
+        finally:
+            self._tracing = False
 
     def reset(self) -> None:
         """Drop the device state (after a failed step): the next call starts from empty rows."""
@@ -257,7 +303,7 @@ class Engine:
     def set_sampling(self, rows: Sequence[dict | None]) -> None:
         """Each row's sampling settings (SamplingParams fields the device reads; None: a free row)."""
         params = [SamplingParams(**fields) if fields else SamplingParams() for fields in rows]
-        self._sampler = replicate(SamplerState.from_params(params), self.mesh)
+        self._sampler = self._put(SamplerState.from_params(params))
 
     def sampler(self) -> SamplerState:
         if self._sampler is None:
@@ -293,16 +339,13 @@ class Engine:
         for r, ids in enumerate(rows):
             padded[r, : len(ids)] = ids
         host = (padded, starts, lengths, np.bool_(logprobs)) + (() if row is None else (np.int32(row),))
-        args = replicate(host, self.mesh)
+        args = self._put(host)
         if allowed is None:
             mask = self._constant("mask", len(rows))
         else:
-            mask = replicate(self.token_mask([allowed] if row is not None else allowed), self.mesh)
-        with use_mesh(self.mesh):
-            out, self._slots = prefill_chunk(self.params, self._take_state(), self.sampler(), args[0],
-                                             None if row is None else args[4], args[1], args[2], args[3], mask,
-                                             self.config, window)
-        return out
+            mask = self._put(self.token_mask([allowed] if row is not None else allowed))
+        return self._run(prefill_chunk, self.params, self._take_state(), self.sampler(), args[0],
+                         None if row is None else args[4], args[1], args[2], args[3], mask, self.config, window)
 
     def decode_window(self, top_position: int) -> int:
         """The attention window of a decode block whose highest active row starts at top_position."""
@@ -326,14 +369,11 @@ class Engine:
             host.append(self.token_mask(allowed))
         if forced is not None:
             host.append(np.asarray(forced, np.int32))
-        args = replicate(host, self.mesh)  # one transfer of all that changes from block to block
+        args = self._put(host)  # one transfer of all that changes from block to block
         mask = args[3] if allowed is not None else self._constant("mask", B)
         tokens = args[-1] if forced is not None else self._constant("forced", B)
-        with use_mesh(self.mesh):
-            out, self._slots, _ = decode_block(self.params, self._take_state(), self.sampler(), *args[:3], mask,
-                                               tokens, self.config, window, self.decode_steps,
-                                               self.grammar if constrained else None)
-        return out
+        return self._run(decode_block, self.params, self._take_state(), self.sampler(), *args[:3], mask, tokens,
+                         self.config, window, self.decode_steps, self.grammar if constrained else None)
 
     def _constant(self, name: str, rows: int) -> jax.Array:
         """An input that asks for nothing, kept on the device (most steps have no constraint): "mask" (every
@@ -342,7 +382,7 @@ class Engine:
         if key not in self._constants:
             value = {"mask": lambda: unconstrained_mask(rows, self.config.vocab_size),
                      "forced": lambda: np.full(rows, -1, np.int32)}[name]()
-            self._constants[key] = replicate(value, self.mesh)
+            self._constants[key] = self._put(value)
         return self._constants[key]
 
     def check_request(self, prompt_len: int, max_new_tokens: int | None, logprobs: int | None = None) -> None:
@@ -391,16 +431,24 @@ class Engine:
 
     def warmup_steps(self, prompt_len: int, max_new_tokens: int | None = None,
                      all_buckets: bool = False) -> list[tuple[str, Callable[[], None]]]:
-        """(what, run it) for each program warmup compiles: the prefill chunk shapes of the request (into one
-        row) and the decode windows it can reach, each run on row 0 with every row inactive. Run them only
-        while no request holds a row: they leave row 0 holding dummy tokens."""
+        """(what, run it) for each program warmup compiles (see warmup_programs). Run them only while no request
+        holds a row: they leave row 0 holding dummy tokens."""
+        return [(what, partial(self.call, op, **kwargs))
+                for what, op, kwargs in self.warmup_programs(prompt_len, max_new_tokens, all_buckets)]
+
+    def warmup_programs(self, prompt_len: int, max_new_tokens: int | None = None,
+                        all_buckets: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+        """(what, op, keyword arguments of `call`) for each program a request of prompt_len tokens (all_buckets:
+        of up to prompt_len tokens) and max_new_tokens new ones (None: up to the cache length) runs: the prefill
+        chunk shapes of the request (into one row) and the decode windows it can reach, on row 0 with every row
+        inactive."""
         prompt_len = min(prompt_len, self.max_seq_len - 1)
-        steps: list[tuple[str, Callable[[], None]]] = []
+        programs: list[tuple[str, str, dict[str, Any]]] = []
         for (length, window), (start, n) in self.chunk_starts(prompt_len, all_buckets).items():
-            steps.append((f"prefill chunk {length} (window {window})",
-                          partial(self.prefill, 0, [0] * min(n - start, self.chunk_size), start, n)))
+            programs.append((f"prefill chunk {length} (window {window})", "prefill",
+                             dict(row=0, tokens=[0] * min(n - start, self.chunk_size), start=start, length=n)))
         end = self.max_seq_len if max_new_tokens is None else min(prompt_len + max_new_tokens, self.max_seq_len)
         for window in self.decode_windows(1 if all_buckets else prompt_len, max(prompt_len, end - 1)):
-            steps.append((f"decode window {window}",
-                          partial(self.decode, [0] * self.batch_size, [False] * self.batch_size, window=window)))
-        return steps
+            programs.append((f"decode window {window}", "decode",
+                             dict(positions=[0] * self.batch_size, active=[False] * self.batch_size, window=window)))
+        return programs

@@ -1,7 +1,8 @@
 """Command line: `qwen3moe-jax generate --prompt TEXT` streams a completion to stdout from the bundled model
 (or --model PATH, or random weights at --preset NAME); with --chat the prompt is a user message, formatted by
 the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible server; `qwen3moe-jax bench`
-measures a model (see qwen3moe_jax/tools/bench.py)."""
+measures a model (see qwen3moe_jax/tools/bench.py); `qwen3moe-jax aot` compiles the serving programs for a GPU
+without one (tools/aot.py); `qwen3moe-jax plan` sizes params and cache on a mesh."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from qwen3moe_jax.model.moe import MOE_KERNELS
 from qwen3moe_jax.runtime import compile_cache
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK
 from qwen3moe_jax.runtime.sampling import SamplingParams
-from qwen3moe_jax.tools import bench
+from qwen3moe_jax.tools import aot, bench
+from qwen3moe_jax.tools.aot import AOT_DTYPES, TARGETS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -259,6 +261,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aot(args: argparse.Namespace) -> int:
+    """Compile the serving programs for a GPU that is not here; exit status 1 if one of them does not fit."""
+    import dataclasses
+
+    from qwen3moe_jax.tools.plan import plan
+
+    config = preset(args.preset).replace(moe_kernel=args.moe_kernel)
+    if args.layers is not None:
+        if not 1 <= args.layers <= config.num_layers:
+            raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
+        config = config.replace(num_layers=args.layers)
+    gpu = aot.target(args.target)
+    batches = args.batch or [1]
+    for batch in batches:  # refused before minutes of compiling: the weights and the cache alone do not fit
+        need = plan(config, {}, args.dtype, args.context, batch)
+        if need.per_device > gpu.memory_bytes:
+            print(f"error: {args.dtype} params ({need.params_per_device / 1e9:.1f} GB) and a KV cache of {batch} x "
+                  f"{args.context} tokens ({need.cache_per_device / 1e9:.1f} GB) exceed the {gpu.description}'s "
+                  f"{gpu.memory_bytes / 1e9:.1f} GB before any temporary buffer: fewer rows, a shorter context, or "
+                  "int8/int4", file=sys.stderr)
+            return 1
+    programs = aot.compile_programs(config, args.dtype, batches, args.context, gpu, args.prefill_chunk,
+                                    args.decode_steps, args.warmup_tokens, args.largest, progress=_status)
+    estimates = {batch: aot.decode_estimate(config, args.dtype, batch, args.context, gpu) for batch in batches}
+    print(aot.format_report(programs, gpu, estimates))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "target": args.target, "device": gpu.description, "device_bytes": gpu.memory_bytes,
+            "preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "context": args.context,
+            "prefill_chunk": args.prefill_chunk, "decode_steps": args.decode_steps,
+            "programs": [dataclasses.asdict(p) | {"peak_bytes": p.peak_bytes} for p in programs],
+            "decode_estimate": {str(b): e for b, e in estimates.items()}}, indent=1) + "\n")
+    return 0 if all(p.fits for p in programs) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3moe-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--device-memory-gb", type=float, default=80.0,
                      help="device memory to check against (90%% of it for params + cache)")
     pln.set_defaults(func=cmd_plan)
+
+    ahead = sub.add_parser("aot", help="compile the serving programs for a GPU without one (the aot extra): memory, "
+                                     "fit, dense expert tensors, int8/int4 dequantization, a decode estimate")
+    ahead.add_argument("--target", choices=TARGETS, required=True)
+    ahead.add_argument("--preset", choices=preset_names(), default="qwen3-30b-a3b")
+    ahead.add_argument("--dtype", choices=AOT_DTYPES, default="bfloat16")
+    ahead.add_argument("--batch", type=_at_least(1), action="append",
+                     help="KV-cache rows of a server (--max-batch); repeatable (default: 1)")
+    ahead.add_argument("--context", type=_at_least(16), required=True, help="KV cache length (--max-seq-len)")
+    ahead.add_argument("--warmup-tokens", type=_at_least(1), default=None,
+                     help="prompts the server compiles for at start (default: the whole context)")
+    ahead.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto")
+    ahead.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    ahead.add_argument("--decode-steps", type=_at_least(1), default=DEFAULT_DECODE_STEPS)
+    ahead.add_argument("--layers", type=int, help="compile a cut of the preset, its first N layers (quicker; the "
+                                                "arguments and the fit are then the cut's)")
+    ahead.add_argument("--largest", action="store_true",
+                       help="compile only the prefill chunk and decode block of the widest window per batch (the "
+                            "two whose memory decides the fit; each full-depth 30B program takes minutes on 2 cores)")
+    ahead.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    ahead.set_defaults(func=cmd_aot)
     return parser
 
 

@@ -17,14 +17,7 @@ import numpy as np
 from qwen3moe_jax.model.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import named_leaves, param_specs
-from qwen3moe_jax.model.quant import (
-    GROUP,
-    INT8_COMPUTE_DTYPE,
-    contracted_axes,
-    group_axis,
-    is_int4_groupable,
-    is_quantized,
-)
+from qwen3moe_jax.model.quant import INT8_COMPUTE_DTYPE, stored_shape
 from qwen3moe_jax.model.sharding import MESH_AXES, logical_spec
 
 GB = 1e9
@@ -66,18 +59,9 @@ def plan(config: ModelConfig, mesh: Mapping[str, int], dtype: str = "bfloat16", 
     compute = np.dtype(INT8_COMPUTE_DTYPE if dtype in ("int8", "int4") else dtype)
     total = per_device = 0
     for name, spec in named_leaves(param_specs(config)).items():
-        if dtype == "int8" and is_quantized(name, spec.axes):
-            scale_shape = tuple(1 if i in contracted_axes(spec.axes) else d for i, d in enumerate(spec.shape))
-            parts = [(spec.shape, np.int8), (scale_shape, np.float32)]
-        elif dtype == "int4" and is_quantized(name, spec.axes) and is_int4_groupable(spec.axes, spec.shape):
-            axis = group_axis(spec.axes)
-            parts = [(tuple(d // per if i == axis else d for i, d in enumerate(spec.shape)), part_dtype)
-                     for per, part_dtype in ((2, np.uint8), (GROUP, np.float16))]
-        else:
-            parts = [(spec.shape, compute)]
-        for shape, part_dtype in parts:
-            total += math.prod(shape) * np.dtype(part_dtype).itemsize
-            per_device += _shard_bytes(shape, part_dtype, spec.axes, sizes)
+        for part in jax.tree.leaves(stored_shape(name, spec.axes, spec.shape, np.dtype(dtype))):
+            total += math.prod(part.shape) * part.dtype.itemsize
+            per_device += _shard_bytes(part.shape, part.dtype, spec.axes, sizes)
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, context, jnp.dtype(compute)))
     cache_bytes = sum(_shard_bytes(a.shape, a.dtype, CACHE_AXES, sizes) for a in cache.k + cache.v)
     return Plan(sizes, dtype, context, batch, total, per_device, cache_bytes)

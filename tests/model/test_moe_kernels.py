@@ -17,9 +17,10 @@ import pytest
 
 import qwen3moe_jax as qj
 from qwen3moe_jax.errors import ConfigError
-from qwen3moe_jax.model import cpu_kernels
+from qwen3moe_jax.model import backend, cpu_kernels
 from qwen3moe_jax.model.moe import choose_moe_kernel, moe_local
 from qwen3moe_jax.model.params import MoEParams
+from qwen3moe_jax.model.quant import QuantizedWeight
 
 # The 30B-A3B's expert widths and top 8, at two expert counts.
 HIDDEN, FFN, TOP_K = 2048, 768, 8
@@ -140,6 +141,13 @@ def test_prefill_temporary_memory_does_not_grow_with_tokens_times_experts(kernel
     assert (interaction < dense / 4) == holds
 
 
-def test_the_pallas_kernel_refuses_int4_weights_up_front():
-    with pytest.raises(ConfigError, match="int4"):
-        qj.random_model("tiny", dtype="int4", moe_kernel="pallas")
+def test_auto_takes_pallas_for_quantized_experts_on_a_gpu_and_keeps_float_ones_on_xla(monkeypatch):
+    """Compiled for an H100 (qwen3moe-jax aot), XLA wrote gathered int8 and int4 expert blocks out dequantized
+    before its matmuls; the Pallas kernel reads them in place. Float weights keep XLA's gather and blocked forms."""
+    quantized = QuantizedWeight(jax.ShapeDtypeStruct((128, 64, 32), jnp.int8), jax.ShapeDtypeStruct((128, 1, 32),
+                                                                                                    jnp.float32))
+    floats = jax.ShapeDtypeStruct((128, 64, 32), jnp.bfloat16)
+    with backend.tracing_for("gpu"):
+        assert [choose_moe_kernel("auto", pairs, 128, quantized) for pairs in (8, 8192)] == ["pallas", "pallas"]
+        assert [choose_moe_kernel("auto", pairs, 128, floats) for pairs in (8, 8192)] == ["gather", "blocked"]
+    assert choose_moe_kernel("auto", 8, 128, quantized) != "pallas"  # on this CPU

@@ -20,6 +20,7 @@ from qwen3moe_jax.model import quant
 from qwen3moe_jax.model.matmul import einsum
 from qwen3moe_jax.model.moe import experts_swiglu, top_k_routing
 from qwen3moe_jax.model.moe_kernels import experts_swiglu_blocked, experts_swiglu_gather, experts_swiglu_ragged
+from qwen3moe_jax.model.pallas_moe import experts_swiglu_pallas
 from qwen3moe_jax.model.params import MoEParams, ParamSpec, named_leaves, param_name, param_specs
 from qwen3moe_jax.model.quant import (
     QuantizedWeight,
@@ -452,9 +453,10 @@ def test_int4_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_shape)
                                    atol=0.02 * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("kernel", [experts_swiglu_blocked, experts_swiglu_ragged])
+@pytest.mark.parametrize("kernel", [experts_swiglu_blocked, experts_swiglu_ragged, experts_swiglu_pallas])
 def test_expert_kernels_with_int4_weights_equal_the_dequantized_weights(kernel):
-    """Indexing an int4 weight by expert gathers its bytes, scales and offsets alike."""
+    """Indexing an int4 weight by expert gathers its bytes, scales and offsets alike; the Pallas kernel
+    (interpreted here) reads them in place, a group of 32 at a time."""
     rng = np.random.default_rng(5)
     X, E, F, rows, sizes = 6, 64, 32, 40, [10, 0, 7, 13, 0, 10]
     gate, up, down = (quantize_int4(spread_weight(rng, shape, (1,)), 1) for shape in [(X, E, F), (X, E, F), (X, F, E)])

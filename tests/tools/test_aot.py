@@ -1,0 +1,107 @@
+"""`qwen3moe-jax aot`: the serving programs of the 30B-A3B shape (cut to 2 layers, for time) compiled for an H100
+on this CPU machine, through the CUDA plugin of the `aot` extra (skipped where it is not installed). The programs
+are the warm-up's, the memory figures add up, and each check can fail: "ragged" shows its dense expert tensors,
+int4 its dequantized weights, and a configuration too large is refused with the reason."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+
+import pytest
+
+import qwen3moe_jax as qj
+from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.model.params import abstract_params
+from qwen3moe_jax.runtime.engine import Engine
+from qwen3moe_jax.tools import aot
+from qwen3moe_jax.tools.cli import main
+from qwen3moe_jax.tools.plan import plan
+
+CUT = ["--target", "h100", "--preset", "qwen3-30b-a3b", "--layers", "2", "--context", "256"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_plugin():
+    try:
+        aot.target("h100")
+    except ConfigError as err:
+        pytest.skip(f"no compile-only CUDA device here: {err}")
+
+
+def run(tmp_path, *args: str) -> tuple[int, dict, str]:
+    """`aot` on the cut with these arguments: its exit status, its JSON and what it printed."""
+    out, printed = tmp_path / "aot.json", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["aot", *CUT, *args, "--json", str(out)])
+    return status, json.loads(out.read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bfloat16(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("aot"), "--batch", "1", "--batch", "32")
+
+
+def test_it_compiles_the_warm_up_s_programs_and_their_memory_adds_up(bfloat16):
+    status, report, printed = bfloat16
+    assert status == 0 and report["target"] == "h100" and report["device_bytes"] == 84942979072
+    config = qj.preset("qwen3-30b-a3b").replace(num_layers=2)
+    for batch in (1, 32):
+        warm_up = [what for what, _, _ in Engine(abstract_params(config, "bfloat16"), config, 256, batch)
+                   .warmup_programs(256, None, all_buckets=True)]
+        programs = [p for p in report["programs"] if p["batch"] == batch]
+        assert [p["what"] for p in programs] == warm_up
+        weights_and_cache = plan(config, {}, "bfloat16", 256, batch).per_device
+        for p in programs:
+            assert p["fits"] and p["dense_expert_tensors"] == [] and p["dequant_materialized"] is None
+            assert p["peak_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+            # the arguments: the weights, the cache and a few small inputs; the cache comes back in place
+            assert weights_and_cache <= p["argument_bytes"] < weights_and_cache * 1.01
+            assert p["alias_bytes"] >= plan(config, {}, "bfloat16", 256, batch).cache_per_device
+            assert any("triton" in call for call in p["custom_calls"]) and p["compile_s"] > 0
+    kernels = {(p["what"], p["batch"]): p["moe_kernel"] for p in report["programs"]}
+    assert kernels[("decode window 256", 1)] == "gather"  # 8 pairs over 128 experts: the chosen experts only
+    assert kernels[("decode window 256", 32)] == "blocked"  # 256 pairs: whole blocks per expert
+    assert kernels[("prefill chunk 128 (window 256)", 1)] == "blocked"
+    assert "| decode window 256 | 32 | blocked |" in printed and "HBM-bound decode estimate" in printed
+
+
+def test_ragged_shows_its_dense_expert_tensors_and_larger_temporaries(bfloat16, tmp_path):
+    status, report, _ = run(tmp_path, "--batch", "1", "--warmup-tokens", "16", "--moe-kernel", "ragged")
+    assert status == 0
+    auto = {p["what"]: p for p in bfloat16[1]["programs"] if p["batch"] == 1}
+    for p in report["programs"]:
+        assert p["moe_kernel"] == "ragged" and p["dense_expert_tensors"], p
+    prefill = next(p for p in report["programs"] if p["name"] == "prefill")
+    assert prefill["temp_bytes"] > 4 * auto[prefill["what"]]["temp_bytes"]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_experts_are_read_in_place_by_the_pallas_kernel(tmp_path, dtype):
+    """On a GPU "auto" runs int8 and int4 experts through the Pallas kernel (Triton), which reads them as stored.
+    What XLA still writes out dequantized is attention's and lm_head's weights (int4 at every batch, int8 at 32
+    rows): every buffer the check reports has the size of one of those, none an expert block's."""
+    status, report, _ = run(tmp_path, "--batch", "1", "--batch", "32", "--warmup-tokens", "16", "--dtype", dtype)
+    assert status == 0
+    config = qj.preset("qwen3-30b-a3b")
+    E, H, D = config.hidden_size, config.num_heads, config.head_dim
+    not_experts = {E * H * D, E * config.vocab_size}  # q and o; lm_head
+    for p in report["programs"]:
+        assert p["moe_kernel"] == "pallas" and "__gpu$xla.gpu.triton" in p["custom_calls"]
+        sizes = {math.prod(map(int, re.search(r"\[([\d,]+)\]", b)[1].split(","))) for b in p["dequant_buffers"]}
+        assert sizes <= not_experts, p["dequant_buffers"]
+        assert p["dequant_materialized"] == bool(sizes)
+    decode = {p["batch"]: p for p in report["programs"] if p["name"] == "decode"}
+    if dtype == "int8":
+        assert not decode[1]["dequant_materialized"]  # one row: XLA's GEMM fusion reads int8 itself
+    else:
+        assert all(p["dequant_materialized"] for p in decode.values())  # what is left to do (README)
+
+
+def test_a_configuration_that_cannot_fit_is_refused_with_the_reason_before_compiling(capsys):
+    assert main(["aot", "--target", "a100", "--batch", "64", "--context", "32768"]) == 1
+    err = capsys.readouterr().err
+    assert "bfloat16 params (61.1 GB) and a KV cache of 64 x 32768 tokens" in err and "exceed" in err
