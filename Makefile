@@ -5,6 +5,9 @@ PYTHON ?= python3
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
+# `qwen3moe-jax aot` needs jax's CUDA plugin, which, once installed, logs CUDA's absence to stderr at every
+# `import jax`: it gets a venv of its own, which tests/tools/test_aot.py runs the command in.
+AOT_VENV := .venv-aot
 
 # llama.cpp (llama-cpp-python, the parity tests' reference) is compiled from source. Left to itself its build
 # tunes for the building CPU (-march=native: AVX-512, AMX...), and the result dies with SIGILL on a machine
@@ -46,20 +49,26 @@ $(LLAMA_CPP_WHEELS)/.complete: | $(BIN)/python
 # llama-cpp-python goes in first, from the portable wheel (the file itself, so pip cannot pick another build);
 # the test extra then finds it installed at the pinned version.
 $(VENV)/.installed-test: pyproject.toml $(LLAMA_CPP_WHEELS)/.complete | $(BIN)/python
-	@echo "Installing the package with its test extras (torch, transformers, llama.cpp's wheel, the CUDA compile plugin): a few minutes"
+	@echo "Installing the package with its test extras (torch, transformers, llama.cpp's wheel): a few minutes"
 	$(BIN)/pip install --no-cache-dir $(LLAMA_CPP_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
-	$(BIN)/pip install -e '.[test,aot]'
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+$(AOT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/pip install --quiet --upgrade pip
+	$(AOT_VENV)/bin/pip install --quiet -e '.[aot]'
 	touch $@
 
 demo: $(VENV)/.installed-core
 	$(BIN)/qwen3moe-jax generate --prompt $$'def fibonacci(n):\n' --max-new-tokens 64 --repeat-penalty 1.2
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(AOT_VENV)/.installed
 	$(BIN)/ruff check qwen3moe_jax scripts tests
-	$(BIN)/python tests/run_each.py
+	QWEN3MOE_JAX_AOT_PYTHON=$(CURDIR)/$(AOT_VENV)/bin/python $(BIN)/python tests/run_each.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check qwen3moe_jax scripts tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AOT_VENV) .pytest_cache .ruff_cache

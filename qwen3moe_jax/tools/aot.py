@@ -110,7 +110,7 @@ def compile_programs(config: ModelConfig, dtype: str, batches: list[int], contex
             plan = [max((p for p in plan if p[1] == op), key=lambda p: _window_and_tokens(engine, p[1], p[2]))
                     for op in ("prefill", "decode")]
         for i, (what, op, kwargs) in enumerate(plan, 1):
-            progress(f"[batch {batch}, {i}/{len(plan)}] compiling {what} for {gpu.name}")
+            progress(f"batch {batch}, {i}/{len(plan)}: compiling {what} for {gpu.name}")
             start = time.perf_counter()
             compiled = engine.trace(op, **kwargs).lower().compile()
             compile_s = time.perf_counter() - start
