@@ -152,15 +152,15 @@ def choose_moe_kernel(name: str, pairs: int, experts: int, weights: Any = None) 
     ragged_dot where it is native (TPU); elsewhere, while the pairs are no more than the experts (decode), the
     per-pair kernels: "cpu" for float32 weights on the CPU backend where it could be compiled, else the gather
     (it reads as many expert matrices as blocked does with b = 1, without the sort and scatter); then the blocked
-    form (prefill: whole blocks per expert, never tokens x experts). On a GPU, int8 and int4 experts take "pallas"
-    at every size: it reads the stored weights in place, where XLA writes the gathered blocks' dequantized weights
-    out before its matmuls (found by compiling for an H100: `qwen3moe-jax aot`)."""
+    form (prefill: whole blocks per expert, never tokens x experts). On a GPU, int4 experts take "pallas" at every
+    size: it reads the packed weights in place, where XLA writes the blocked form's dequantized blocks out before
+    its matmuls (found by compiling for an H100: `qwen3moe-jax aot`; XLA's own GEMM fusions read int8 in place)."""
     if check_moe_kernel(name) != "auto":
         return name
     target = backend.platform()
     if target == "tpu":
         return "ragged"
-    if target == "gpu" and isinstance(weights, QuantizedWeight):
+    if target == "gpu" and isinstance(weights, QuantizedWeight) and weights.bits == 4:
         return "pallas"
     if pairs > experts:
         return "blocked"

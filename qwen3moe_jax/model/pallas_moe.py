@@ -9,7 +9,7 @@ backends it runs in Pallas' interpreter, slow but exact, which is how the CPU te
 Quantized weights are read as stored, never written out dequantized: int8 values are converted to the rows' dtype
 inside the kernel (as `einsum` does) and the per-output-channel scale of each block's expert multiplies the float32
 result outside it; int4 bytes are unpacked and scaled group by group inside the kernel (_grouped_matmul_int4).
-"auto" takes this kernel for int8 and int4 experts on a GPU (moe.choose_moe_kernel).
+"auto" takes this kernel for int4 experts on a GPU (moe.choose_moe_kernel).
 """
 
 from __future__ import annotations

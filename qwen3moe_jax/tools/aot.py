@@ -212,7 +212,8 @@ def dequantized_buffers(hlo: str, config: ModelConfig) -> list[str]:
         return any(dtype in ("s8", "u8", "s4", "u4") for dtype, _ in arrays.get(name, ()))
 
     return sorted({f"{dtype}[{','.join(map(str, shape))}] ({b.opcode})" for b in buffers for dtype, shape in b.outputs
-                   if not b.matmul and dtype in ("bf16", "f16", "f32") and math.prod(shape) >= matrix
+                   if not b.matmul and b.opcode not in _NO_NEW_BUFFER and dtype in ("bf16", "f16", "f32")
+                   and math.prod(shape) >= matrix
                    and any(map(quantized, b.operands))})
 
 

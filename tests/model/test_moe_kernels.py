@@ -141,13 +141,16 @@ def test_prefill_temporary_memory_does_not_grow_with_tokens_times_experts(kernel
     assert (interaction < dense / 4) == holds
 
 
-def test_auto_takes_pallas_for_quantized_experts_on_a_gpu_and_keeps_float_ones_on_xla(monkeypatch):
-    """Compiled for an H100 (qwen3moe-jax aot), XLA wrote gathered int8 and int4 expert blocks out dequantized
-    before its matmuls; the Pallas kernel reads them in place. Float weights keep XLA's gather and blocked forms."""
-    quantized = QuantizedWeight(jax.ShapeDtypeStruct((128, 64, 32), jnp.int8), jax.ShapeDtypeStruct((128, 1, 32),
-                                                                                                    jnp.float32))
+def test_auto_takes_pallas_for_int4_experts_on_a_gpu_and_keeps_the_others_on_xla():
+    """Compiled for an H100 (qwen3moe-jax aot), XLA wrote the blocked form's int4 expert blocks out dequantized
+    before its matmuls, where its GEMM fusions read int8 in place; the Pallas kernel reads int4 in place."""
+    int4 = QuantizedWeight(jax.ShapeDtypeStruct((128, 32, 32), jnp.uint8), jax.ShapeDtypeStruct((128, 2, 32),
+                                                                                                jnp.float16))
+    int8 = QuantizedWeight(jax.ShapeDtypeStruct((128, 64, 32), jnp.int8), jax.ShapeDtypeStruct((128, 1, 32),
+                                                                                               jnp.float32))
     floats = jax.ShapeDtypeStruct((128, 64, 32), jnp.bfloat16)
     with backend.tracing_for("gpu"):
-        assert [choose_moe_kernel("auto", pairs, 128, quantized) for pairs in (8, 8192)] == ["pallas", "pallas"]
-        assert [choose_moe_kernel("auto", pairs, 128, floats) for pairs in (8, 8192)] == ["gather", "blocked"]
-    assert choose_moe_kernel("auto", 8, 128, quantized) != "pallas"  # on this CPU
+        assert [choose_moe_kernel("auto", pairs, 128, int4) for pairs in (8, 8192)] == ["pallas", "pallas"]
+        for weights in (int8, floats):
+            assert [choose_moe_kernel("auto", pairs, 128, weights) for pairs in (8, 8192)] == ["gather", "blocked"]
+    assert choose_moe_kernel("auto", 8, 128, int4) == "gather"  # on this CPU
