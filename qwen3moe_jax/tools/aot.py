@@ -122,12 +122,12 @@ def compile_programs(config: ModelConfig, dtype: str, batches: list[int], contex
                                                                     if hasattr(layer.mlp, "router")))
             memory = compiled.memory_analysis()
             hlo = compiled.as_text()
+            dequant = None if dtype == "bfloat16" else dequantized_buffers(hlo, config)
             program = Program(
                 op, what, batch, tokens, window, kernel,
                 memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
                 memory.temp_size_in_bytes, False, round(compile_s, 2), dense_expert_tensors(hlo, config, tokens),
-                None if dtype == "bfloat16" else bool(dequant := dequantized_buffers(hlo, config)),
-                [] if dtype == "bfloat16" else dequant, custom_calls(hlo))
+                None if dequant is None else bool(dequant), dequant or [], custom_calls(hlo))
             program.fits = program.peak_bytes <= gpu.memory_bytes
             programs.append(program)
     return programs
