@@ -1,5 +1,5 @@
-// The matrix-vector products of a decode step on the CPU, called through XLA's FFI (cpu_kernels.py compiles this
-// file on first use, without -march flags, so the library runs on any CPU of its architecture).
+// The matrix-vector products of a decode step on the CPU, called through XLA's FFI (cpu_kernels.build compiles this
+// file once per machine, without -march flags, so the library runs on any CPU of its architecture).
 //
 // Why (benchmarks/cpu-2core-llamacpp-decode-2026-11-26-2.md): XLA:CPU (jax 0.10) copies a gathered expert's
 // matrices before multiplying them, 36-43% of a decode step on 2 cores, twice the time of the products that then
