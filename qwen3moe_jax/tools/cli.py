@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
-from qwen3moe_jax.model.config import preset, preset_names
+from qwen3moe_jax.model.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.model.moe import MOE_KERNELS
 from qwen3moe_jax.runtime import compile_cache
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK
@@ -108,6 +108,16 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def preset_config(name: str, layers: int | None) -> ModelConfig:
+    """A preset's config, cut to its first `layers` layers when given (--layers)."""
+    config = preset(name)
+    if layers is None:
+        return config
+    if not 1 <= layers <= config.num_layers:
+        raise ConfigError(f"--layers must be in 1..{config.num_layers} for {name}, got {layers}")
+    return config.replace(num_layers=layers)
+
+
 def build_model(args: argparse.Namespace) -> Model:
     from qwen3moe_jax.model.sharding import make_mesh, parse_mesh
 
@@ -127,11 +137,7 @@ def build_model(args: argparse.Namespace) -> Model:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
                      **engine_args, moe_kernel=args.moe_kernel)
     else:
-        config = preset(args.preset)
-        if args.layers is not None:
-            if not 1 <= args.layers <= config.num_layers:
-                raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
-            config = config.replace(num_layers=args.layers)
+        config = preset_config(args.preset, args.layers)
         # A preset's random weights need a wider init than 0.02 to say anything but one repeated token.
         model = random_model(config, args.dtype, args.init_seed, args.max_seq_len, std=0.2, mesh=mesh, **engine_args,
                              moe_kernel=args.moe_kernel)
@@ -267,11 +273,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
 
     from qwen3moe_jax.tools.plan import plan
 
-    config = preset(args.preset).replace(moe_kernel=args.moe_kernel)
-    if args.layers is not None:
-        if not 1 <= args.layers <= config.num_layers:
-            raise ConfigError(f"--layers must be in 1..{config.num_layers} for {args.preset}, got {args.layers}")
-        config = config.replace(num_layers=args.layers)
+    config = preset_config(args.preset, args.layers).replace(moe_kernel=args.moe_kernel)
     gpu = aot.target(args.target)
     batches = args.batch or [1]
     for batch in batches:  # refused before minutes of compiling: the weights and the cache alone do not fit
