@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qwen3moe_jax.model import cpu_kernels
+from qwen3moe_jax.model import backend, cpu_kernels
 from qwen3moe_jax.model.quant import QuantizedWeight, dequantize
 from qwen3moe_jax.model.sharding import mesh_sizes
 
@@ -24,8 +24,10 @@ def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
     The per-channel scale then multiplies the float32 result, exact because it is constant along the
     contracted axes, before the one rounding to x's dtype.
 
-    An int4 weight's scales vary along the contracted axis, so they cannot wait for the output: the weight
-    is dequantized as the matmul's operand (int4_operand).
+    An int4 weight's scales vary along the contracted axis, so they cannot wait for the output. On a GPU the
+    Pallas matmul reads it as stored (pallas_matmul.einsum_in_place), since XLA:GPU writes it out dequantized
+    before its GEMM reads it (`qwen3moe-jax aot`: q, k, v, o and lm_head at every batch); elsewhere, and on a mesh,
+    it is dequantized as the matmul's operand (int4_operand).
     """
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     if not isinstance(w, QuantizedWeight) and not mesh_sizes() and (form := cpu_kernels.matmul_form(spec, x, w)):
@@ -33,6 +35,11 @@ def einsum(spec: str, x: Array, w: Array | QuantizedWeight) -> Array:
         out_shape = jax.eval_shape(partial(jnp.einsum, spec), x, w).shape
         return cpu_matmul(x.reshape(M, K), w.reshape(K, N)).reshape(out_shape)
     if isinstance(w, QuantizedWeight) and w.bits == 4:
+        if backend.platform() == "gpu" and not mesh_sizes():
+            from qwen3moe_jax.model.pallas_matmul import einsum_in_place  # Pallas loads only for int4 on a GPU
+
+            if (y := einsum_in_place(spec, x, w)) is not None:
+                return y
         w = int4_operand(w, x.dtype)
     if not isinstance(w, QuantizedWeight):
         return jnp.einsum(spec, x, w, precision=precision)
@@ -49,9 +56,9 @@ def int4_operand(w: QuantizedWeight, dtype: Any) -> Array:
     """An int4 weight as a matmul operand in `dtype`: unpacked and s * q - m per group computed in float32
     (an asymmetric group's s * q and m may nearly cancel, which bfloat16 arithmetic would magnify), rounded
     once to `dtype`. Elementwise ops and broadcasts only, for XLA:GPU to fuse into the consuming dot's operand
-    read, so that only the packed bytes and the scales come from memory (scripts/int4_fusion_check.py reads
-    the optimized HLO; not yet run on a GPU). XLA:CPU fuses nothing into a dot: there the dequantized weight
-    (of a gathered expert block, for the experts) is written by a fusion of its own and read by the dot."""
+    read, so that only the packed bytes and the scales come from memory. It does not (`qwen3moe-jax aot`), hence
+    the Pallas path there. XLA:CPU fuses nothing into a dot: there the dequantized weight (of a gathered expert
+    block, for the experts) is written by a fusion of its own and read by the dot."""
     return dequantize(w).astype(dtype)
 
 

@@ -33,6 +33,7 @@ from qwen3moe_jax.model import backend, cpu_kernels
 from qwen3moe_jax.model.cache import KVCache
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
+from qwen3moe_jax.model.quant import QuantizedWeight
 from qwen3moe_jax.model.sharding import constrain, replicate, use_mesh
 from qwen3moe_jax.model.transformer import forward, lm_logits
 from qwen3moe_jax.runtime.constraints import BlockGrammar, unconstrained_mask
@@ -81,6 +82,23 @@ class StepTokens(NamedTuple):
     top_logprob: jax.Array
 
 
+# XLA:GPU's DotMerger joins dots that share an input (attention's q, k and v projections) into one dot over their
+# weights concatenated. With int8 weights it first writes them out converted to bfloat16, where each dot alone reads
+# them as stored (`qwen3moe-jax aot`: bf16[2048, 4096] a layer, 1.1 GB at 32 rows of 30B-A3B). Quantized params run
+# the steps compiled with it off; float ones keep it (one GEMM for three).
+WITHOUT_DOT_MERGER = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def step_program(*static: str) -> Callable[[Callable], Any]:
+    """jax.jit of a step that donates its slots, with `.for_quantized`: the same step compiled without DotMerger."""
+    def jit(step: Callable) -> Any:
+        program = jax.jit(step, static_argnames=static, donate_argnames="slots")
+        program.for_quantized = jax.jit(step, static_argnames=static, donate_argnames="slots",
+                                        compiler_options=WITHOUT_DOT_MERGER)
+        return program
+    return jit
+
+
 def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, length: jax.Array,
                  logprobs: jax.Array, allowed: jax.Array | None, forced: jax.Array | None = None) -> StepTokens:
     # NaN logits cannot raise inside jit: mark the row with -1 and let the host raise.
@@ -103,7 +121,7 @@ def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, l
                                                                  top_logp)))
 
 
-@partial(jax.jit, static_argnames=("config", "window"), donate_argnames="slots")
+@step_program("config", "window")
 def prefill_chunk(
     params: Params, slots: Slots, sampler: SamplerState, tokens: jax.Array, row: jax.Array | None,
     start: jax.Array, length: jax.Array, logprobs: jax.Array, allowed: jax.Array, config: ModelConfig, window: int,
@@ -145,7 +163,7 @@ def _grammar_step(grammar: BlockGrammar, tokens: jax.Array) -> tuple[jax.Array, 
     return io_callback(grammar, shapes, tokens, sharding=grammar.sharding)
 
 
-@partial(jax.jit, static_argnames=("config", "window", "steps", "grammar"), donate_argnames="slots")
+@step_program("config", "window", "steps", "grammar")
 def decode_block(
     params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
     logprobs: jax.Array, allowed: jax.Array, forced: jax.Array, config: ModelConfig, window: int, steps: int,
@@ -210,6 +228,8 @@ class Engine:
         if batch_size < 1:
             raise Qwen3MoeError(f"max_batch must be >= 1, got {batch_size}")
         self.params = params
+        self.quantized = any(isinstance(leaf, QuantizedWeight) for leaf in
+                             jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QuantizedWeight)))
         self.config = config
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
@@ -270,8 +290,10 @@ class Engine:
         slots, self._slots = self._state(), None
         return slots
 
-    def _run(self, step: Callable, *args: Any) -> Any:
+    def _run(self, step: Any, *args: Any) -> Any:
         """Run a jit step on the state (or, while tracing, trace it: see `trace`) and keep the state it returns."""
+        if self.quantized:
+            step = step.for_quantized
         with use_mesh(self.mesh):
             if self._tracing:
                 return step.trace(*args)

@@ -20,6 +20,7 @@ from qwen3moe_jax.model import quant
 from qwen3moe_jax.model.matmul import einsum
 from qwen3moe_jax.model.moe import experts_swiglu, top_k_routing
 from qwen3moe_jax.model.moe_kernels import experts_swiglu_blocked, experts_swiglu_gather, experts_swiglu_ragged
+from qwen3moe_jax.model.pallas_matmul import einsum_in_place
 from qwen3moe_jax.model.pallas_moe import experts_swiglu_pallas
 from qwen3moe_jax.model.params import MoEParams, ParamSpec, named_leaves, param_name, param_specs
 from qwen3moe_jax.model.quant import (
@@ -124,6 +125,10 @@ def test_quantized_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_s
     ours = einsum(spec, jnp.asarray(x), jax.device_put(qw))
     assert ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+    in_place = einsum_in_place(spec, jnp.asarray(x), jax.device_put(qw))  # the Pallas matmul, interpreted
+    assert (in_place is None) == ("experts" in axes)
+    if in_place is not None:
+        np.testing.assert_allclose(in_place, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
     ours_bf16 = einsum(spec, jnp.asarray(x, jnp.bfloat16), jax.device_put(qw))
     assert ours_bf16.dtype == jnp.bfloat16  # the compute dtype, whatever the weight's storage
     np.testing.assert_allclose(np.asarray(ours_bf16, np.float32), reference, rtol=0.05,
@@ -435,7 +440,9 @@ INT4_EINSUMS = [
 
 @pytest.mark.parametrize("spec, x_shape, axes, w_shape", INT4_EINSUMS)
 def test_int4_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_shape):
-    """Symmetric (Q4_0) and asymmetric (Q4_K) groups."""
+    """Symmetric (Q4_0) and asymmetric (Q4_K) groups; XLA's form (dequantized operand) and, for every weight but an
+    expert stack, the Pallas matmul that reads the packed bytes in place, which `einsum` takes on a GPU (interpreted
+    here)."""
     rng = np.random.default_rng(0)
     axis = group_axis(axes)
     symmetric = quantize_int4(spread_weight(rng, w_shape, contracted_axes(axes)), axis)
@@ -447,6 +454,11 @@ def test_int4_einsum_equals_the_dequantized_weight(spec, x_shape, axes, w_shape)
         ours = einsum(spec, jnp.asarray(x), jax.device_put(qw))
         assert ours.dtype == jnp.float32
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+        in_place = einsum_in_place(spec, jnp.asarray(x), jax.device_put(qw))
+        assert (in_place is None) == ("experts" in axes)
+        if in_place is not None:
+            assert in_place.dtype == jnp.float32 and in_place.shape == reference.shape
+            np.testing.assert_allclose(in_place, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
         ours_bf16 = einsum(spec, jnp.asarray(x, jnp.bfloat16), jax.device_put(qw))
         assert ours_bf16.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(ours_bf16, np.float32), reference, rtol=0.05,
