@@ -130,10 +130,13 @@ def _grouped_matmul_int4(blocks: jax.Array, block_expert: jax.Array, used: jax.A
     grouped = blocks.reshape(n, b, G, 2, 16)
     x_low, x_high = (grouped[:, :, :, half].reshape(n, b, K // 2) for half in (0, 1))
     x_sums = jnp.sum(grouped.astype(jnp.float32), axis=(3, 4))  # [n, b, G]
-    offset = w.offset if w.offset is not None else jnp.float16(8) * w.scale  # symmetric: w = s (q - 8)
+    # Symmetric groups (w = s (q - 8)) take m = 8 s inside the kernel: 8 s computed outside would be a buffer the
+    # size of the scales, written per weight and kept through a decode block (`aot`: 1.8 GB at 30B-A3B int4).
+    symmetric = w.offset is None
     bn = _tile(N, N_TILE)
 
-    def kernel(expert_ref, used_ref, low_ref, high_ref, sums_ref, values_ref, scale_ref, offset_ref, out_ref):
+    def kernel(expert_ref, used_ref, low_ref, high_ref, sums_ref, values_ref, scale_ref, *refs):
+        *offset_ref, out_ref = refs
         i, j = pl.program_id(0), pl.program_id(1)
         e = expert_ref[i]
         columns = pl.ds(j * bn, bn)
@@ -145,7 +148,7 @@ def _grouped_matmul_int4(blocks: jax.Array, block_expert: jax.Array, used: jax.A
             dot = (jnp.dot(low_ref[:, pl.ds(g * 16, 16)], low, preferred_element_type=jnp.float32)
                    + jnp.dot(high_ref[:, pl.ds(g * 16, 16)], high, preferred_element_type=jnp.float32))
             s = scale_ref[e, pl.ds(g, 1), columns].astype(jnp.float32)  # [1, bn]
-            m = offset_ref[e, pl.ds(g, 1), columns].astype(jnp.float32)
+            m = 8 * s if symmetric else offset_ref[0][e, pl.ds(g, 1), columns].astype(jnp.float32)
             return acc + dot * s - sums_ref[:, pl.ds(g, 1)] * m
 
         @pl.when(i < used_ref[0])
@@ -162,8 +165,9 @@ def _grouped_matmul_int4(blocks: jax.Array, block_expert: jax.Array, used: jax.A
         out_shape=jax.ShapeDtypeStruct((n, b, N), jnp.float32),
         grid=(n, N // bn),
         in_specs=[pl.no_block_spec, pl.no_block_spec, rows, rows, pl.BlockSpec((None, b, G), lambda i, j: (i, 0, 0)),
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
+                  pl.no_block_spec, pl.no_block_spec] + [pl.no_block_spec] * (not symmetric),  # weights read whole
         out_specs=pl.BlockSpec((None, b, bn), lambda i, j: (i, 0, j)),
         interpret=backend.platform() != "gpu",
         compiler_params=TRITON,
-    )(block_expert.astype(jnp.int32), used, x_low, x_high, x_sums, w.values, w.scale, offset)
+    )(block_expert.astype(jnp.int32), used, x_low, x_high, x_sums, w.values, w.scale,
+      *(() if symmetric else (w.offset,)))
