@@ -45,7 +45,7 @@ class Model:
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        decode_steps: int = DEFAULT_DECODE_STEPS, prefix_cache: bool = True,
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
@@ -54,7 +54,7 @@ class Model:
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
-        self.scheduler = Scheduler(self.engine)
+        self.scheduler = Scheduler(self.engine, prefix_cache=prefix_cache)
         self._grammars: Grammars | None = None
 
     @property
@@ -73,7 +73,7 @@ class Model:
             e = self.engine
             self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.chunk_size,
                                  e.decode_steps)
-            self.scheduler = Scheduler(self.engine)
+            self.scheduler = Scheduler(self.engine, prefix_cache=self.scheduler.prefix_cache.enabled)
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -243,6 +243,7 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str = "auto",
+    prefix_cache: bool = True,
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
@@ -264,12 +265,15 @@ def load(
     decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
     most decode_steps - 1 steps of compute).
     moe_kernel: how the MoE blocks run, one of model.moe.MOE_KERNELS; "auto" reads only the chosen experts'
-    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py."""
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py.
+    prefix_cache: a request reuses the keys and values of the prompt prefix a KV-cache row holds from an earlier
+    request, in whole prefill chunks, and prefills only the rest; its tokens and logprobs are those it gets without
+    (runtime/prefix_cache.py)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -297,11 +301,12 @@ def random_model(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str | None = None,
+    prefix_cache: bool = True,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
-    max_batch, prefill_chunk, decode_steps and moe_kernel as for `load` ("int8" and "int4" included; moe_kernel
-    None: the config's)."""
+    max_batch, prefill_chunk, decode_steps, moe_kernel and prefix_cache as for `load` ("int8" and "int4" included;
+    moe_kernel None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _resolve_dtype(dtype)
@@ -311,4 +316,4 @@ def random_model(
     params = init_params(config, seed, dtype, std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache)

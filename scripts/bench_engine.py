@@ -83,7 +83,8 @@ def main() -> None:
     for n in args.prompt_lengths:
         ids = np.random.default_rng(n).integers(0, base.config.vocab_size, n).tolist()
         for chunk in args.chunks:
-            model = qj.Model(base.config, base.params, None, base.max_seq_len, prefill_chunk=chunk)
+            # The repeats send one prompt: without the prefix cache, each prefills it whole, as a new prompt.
+            model = qj.Model(base.config, base.params, None, base.max_seq_len, prefill_chunk=chunk, prefix_cache=False)
             seconds = first_token_s(model, ids, args.repeats)
             result["first_token_s"].setdefault(n, {})[chunk] = seconds
             print(f"prompt {n}, prefill_chunk {chunk}: first token in {seconds * 1e3:7.1f} ms", flush=True)

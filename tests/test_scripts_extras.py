@@ -16,7 +16,7 @@ SCRIPTS = sorted((Path(__file__).parent.parent / "scripts").glob("*.py"))
 # What the extras add beyond the base dependencies (pyproject.toml).
 EXTRA_MODULES = ["torch", "transformers", "httpx", "openai", "llama_cpp", "matplotlib", "nbclient", "pytest"]
 # Scripts that cannot start without an extra, and the extra they must name.
-NEEDS = {"sse_latency": "client", "load_test": "client"}
+NEEDS = {"sse_latency": "client", "load_test": "client", "bench_prefix_cache": "client"}
 
 
 def _without_extras(*argv: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ which); the device state of all rows together is a `Slots` pytree, handed from s
   inside, and with a constrained row the call to its grammar after each step); rows marked inactive are
   parked at position S (the cache length), where their writes to the cache and history are dropped, so a
   free row or one part-way through its prompt is left as it was.
+- `copy_row` copies one row's cache and history into another (a prompt prefix the scheduler reuses).
 Both read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW), so a
 short request in a long cache does not pay for all of it, and each window compiles once.
 """
@@ -30,7 +31,7 @@ from jax.experimental import io_callback
 
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import backend, cpu_kernels
-from qwen3moe_jax.model.cache import KVCache
+from qwen3moe_jax.model.cache import CACHE_AXES, KVCache
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.quant import QuantizedWeight
@@ -196,6 +197,16 @@ def decode_block(
     return StepTokens(*(jnp.stack(a) for a in zip(*outs, strict=True))), slots, grammar and (forced, allowed)
 
 
+@partial(jax.jit, donate_argnames="slots")
+def row_copy(slots: Slots, src: jax.Array, dst: jax.Array) -> tuple[None, Slots]:
+    """Row src's keys, values and history written over row dst's (the whole row: one compiled shape)."""
+    def copy(a: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(a, jax.lax.dynamic_slice_in_dim(a, src, 1, axis=0), dst, axis=0)
+
+    cache = jax.tree.map(lambda a: constrain(copy(a), CACHE_AXES), slots.cache)
+    return None, Slots(cache, copy(slots.history), slots.next_token)
+
+
 @partial(jax.jit, static_argnames="config")
 def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.Array:
     """Logits at every position of tokens [B, T] in one pass, with a scratch cache of length T."""
@@ -241,6 +252,9 @@ class Engine:
         self._constants: dict[tuple, jax.Array] = {}
         self.device = device
         self._tracing = False
+        # Steps run on the state (and resets): the scheduler trusts what it knows of the rows' contents only while
+        # every step since was its own (a warm-up or a benchmark may run steps on the engine directly).
+        self.steps_run = 0
         # The constrained rows' grammar, which a decode block calls after each step. An io_callback runs on one
         # device: on a multi-process mesh, one of process 0's, which holds the requests.
         host = None if mesh is None else next(d for d in mesh.devices.flat if d.process_index == 0)
@@ -297,6 +311,7 @@ class Engine:
         with use_mesh(self.mesh):
             if self._tracing:
                 return step.trace(*args)
+            self.steps_run += 1
             out, self._slots, *_ = step(*args)
         return out
 
@@ -315,10 +330,11 @@ class Engine:
     def reset(self) -> None:
         """Drop the device state (after a failed step): the next call starts from empty rows."""
         self._slots = None
+        self.steps_run += 1
 
     def call(self, op: str, **kwargs: Any) -> StepTokens:
-        """Run the step named op ("set_sampling", "prefill" or "decode") with plain-value arguments."""
-        if op not in ("set_sampling", "prefill", "decode"):
+        """Run the step named op ("set_sampling", "prefill", "decode" or "copy_row") with plain-value arguments."""
+        if op not in ("set_sampling", "prefill", "decode", "copy_row"):
             raise Qwen3MoeError(f"unknown engine step {op!r}")
         return getattr(self, op)(**kwargs)
 
@@ -368,6 +384,11 @@ class Engine:
             mask = self._put(self.token_mask([allowed] if row is not None else allowed))
         return self._run(prefill_chunk, self.params, self._take_state(), self.sampler(), args[0],
                          None if row is None else args[4], args[1], args[2], args[3], mask, self.config, window)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy row src's cache and history into row dst, whose own are overwritten (src is left as it was)."""
+        args = self._put((np.int32(src), np.int32(dst)))
+        self._run(row_copy, self._take_state(), *args)
 
     def decode_window(self, top_position: int) -> int:
         """The attention window of a decode block whose highest active row starts at top_position."""

@@ -39,6 +39,7 @@ class Usage:
     time_to_first_token_s: float  # from the first request for a token to it on the host: prefill (+ compile)
     decode_tokens_per_s: float  # tokens after the first, per second after the first (nan with one token)
     total_s: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed (scheduler.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class RequestEvents:
         self.stops = StopStrings(sampling.stop)
         self.count = 0
         self.first_at = math.nan
+        self.cached_tokens = 0  # set by the scheduler when it admits the request (prefix_cache.py)
 
     def push(self, token: int, logprobs: Logprobs | None, complete: bool = False) -> Event:
         """The event of the next token; its finish_reason is set when the request ends with it (complete: the
@@ -112,7 +114,8 @@ class RequestEvents:
         usage = None
         if reason is not None:
             rate = (self.count - 1) / (now - self.first_at) if self.count > 1 and now > self.first_at else math.nan
-            usage = Usage(self.prompt_len, self.count, self.first_at - self.start, rate, now - self.start)
+            usage = Usage(self.prompt_len, self.count, self.first_at - self.start, rate, now - self.start,
+                          self.cached_tokens)
         return Event(token, text, logprobs, reason, usage)
 
 

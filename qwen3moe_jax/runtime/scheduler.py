@@ -2,7 +2,9 @@
 
 Each request gets a row (a slot) of the engine's `max_batch` rows while it runs. Every `step`:
   1. cancelled requests leave (a running one frees its row);
-  2. waiting requests are admitted into free rows, lowest row first, in arrival order;
+  2. waiting requests are admitted into free rows, in arrival order: each takes the row holding the longest prefix
+     of its prompt, else the least recently used (prefix_cache.py), and its prefill starts after that prefix
+     (copied first from a busy row that holds more of it than any free row);
   3. at most `chunks_per_step` prompt chunks run (oldest admission first), one row each; the chunk that
      ends a prompt samples the request's first token;
   4. one decode block runs every row at once (`decode_steps` tokens per row, one compiled shape whatever
@@ -35,6 +37,7 @@ from qwen3moe_jax.errors import Qwen3MoeError, SamplingError
 from qwen3moe_jax.runtime.constraints import Constraint
 from qwen3moe_jax.runtime.engine import Engine, StepTokens
 from qwen3moe_jax.runtime.generation import Event, Logprobs, RequestEvents
+from qwen3moe_jax.runtime.prefix_cache import PrefixCache
 from qwen3moe_jax.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,11 @@ class Request:
     admitted: int = 0  # admission order
 
     @property
+    def cached(self) -> int:
+        """Prompt tokens whose KV was reused (prefix_cache.py), not computed for this request: set at admission."""
+        return self.events.cached_tokens
+
+    @property
     def decoding(self) -> bool:
         return self.row is not None and self.prefilled == len(self.prompt)
 
@@ -82,11 +90,14 @@ class Scheduler:
     call: how an engine step is run, Engine.call by default; a multi-host leader passes one that also sends
     the step to its followers (multihost.py). max_queue bounds the requests waiting for a row beyond those
     the free rows take at the next step (None: no bound); chunks_per_step is the most prompt chunks per step
-    (more: faster admission, longer gaps in the running streams)."""
+    (more: faster admission, longer gaps in the running streams); prefix_cache: reuse the KV of prompt prefixes
+    that rows hold (prefix_cache.py; the attribute `prefix_cache.enabled` switches it later)."""
 
     def __init__(self, engine: Engine, chunks_per_step: int = DEFAULT_CHUNKS_PER_STEP, max_queue: int | None = None,
-                 call: Callable[..., StepTokens] | None = None):
+                 call: Callable[..., StepTokens] | None = None, prefix_cache: bool = True):
         self.engine = engine
+        self.prefix_cache = PrefixCache(engine.batch_size, engine.chunk_size, prefix_cache)
+        self._steps_seen = engine.steps_run  # the engine's steps the prefix cache has seen (_admit)
         self.chunks_per_step = chunks_per_step
         self.max_queue = max_queue
         self.call = call or engine.call
@@ -100,6 +111,7 @@ class Scheduler:
         self._sampling_changed = True
         self.generated_tokens = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those whose KV was reused
 
     # ---------------------------------------------------------------------------- from any thread
 
@@ -181,8 +193,8 @@ class Scheduler:
         (its buffers were donated): the KV cache is reset and every request holding a row ends with StepFailed."""
         with self._stepping:
             self._drop_cancelled()
-            self._admit()
             try:
+                self._admit()
                 if self._sampling_changed:
                     self._device("set_sampling", rows=[None if r is None else
                                                        {f: getattr(r.sampling, f) for f in DEVICE_FIELDS}
@@ -200,6 +212,7 @@ class Scheduler:
                     "KV cache was reset")
                 log.error("%s", failure, exc_info=err)
                 self.engine.reset()
+                self.prefix_cache.forget()
                 self._sampling_changed = True
                 for request in self.rows:
                     if request is not None:
@@ -216,19 +229,31 @@ class Scheduler:
             self._end(request)
 
     def _admit(self) -> None:
+        if self.engine.steps_run != self._steps_seen:  # someone else ran steps on the engine: the records may lie
+            self.prefix_cache.forget()
+        copies = []
         with self._lock:
             while self.waiting and None in self.rows:
                 request = self.waiting.popleft()
-                request.row = self.rows.index(None)
+                free = [row for row, r in enumerate(self.rows) if r is None]
+                busy = [row for row, r in enumerate(self.rows) if r is not None]
+                place = self.prefix_cache.place(request.prompt, free, busy)
+                request.row, request.prefilled = place.row, place.reuse
+                request.events.cached_tokens = place.reuse
                 request.admitted = next(self._admissions)
                 self.rows[request.row] = request
                 self._sampling_changed = True
+                if place.source is not None:
+                    copies.append(place)
+        for place in copies:  # in admission order: a later request may copy from a row an earlier copy filled
+            self._device("copy_row", src=place.source, dst=place.row)
 
     def _device(self, op: str, **kwargs: Any) -> StepTokens | None:
         """Run an engine step and bring its tokens to the host (one transfer; their logprobs only when a request
         asked for them). Any failure here is the device's: StepFailed."""
         try:
             out = self.call(op, **kwargs)
+            self._steps_seen = self.engine.steps_run
             if out is None:
                 return None
             if kwargs.get("logprobs"):
@@ -261,8 +286,10 @@ class Scheduler:
         out = self._device("prefill", row=request.row, tokens=chunk, start=start, length=n,
                            logprobs=request.sampling.logprobs is not None, allowed=allowed)
         request.prefilled = start + len(chunk)
+        self.prefix_cache.prefilled(request.row, request.prompt, request.prefilled)
         if request.decoding:
             self.prompt_tokens += n
+            self.cached_tokens += request.cached
             request.position = n
 
             def first_token() -> None:
@@ -328,6 +355,7 @@ class Scheduler:
         request.finished = True
         if request.row is not None and self.rows[request.row] is request:
             self.rows[request.row] = None
+            self.prefix_cache.free(request.row)
         try:
             if error is not None:
                 request.emit(error)

@@ -1,5 +1,5 @@
-"""The server's Prometheus metrics (/metrics): requests running and waiting, tokens, how requests ended, time to
-first token and between tokens."""
+"""The server's Prometheus metrics (/metrics): requests running and waiting, tokens (prompt tokens computed and
+taken from the prefix cache), how requests ended, time to first token and between tokens."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ class Metrics:
         waiting = Gauge("qwen3moe_requests_waiting", "Requests waiting for a row", registry=self.registry)
         waiting.set_function(lambda: scheduler.queued)
         self.generated = Counter("qwen3moe_generated_tokens", "Tokens generated", registry=self.registry)
-        self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.prompt = Counter("qwen3moe_prompt_tokens", "Prompt tokens of the requests that started",
+                              registry=self.registry)
+        self.computed = Counter("qwen3moe_prompt_tokens_computed", "Prompt tokens prefilled", registry=self.registry)
+        self.cached = Counter("qwen3moe_prompt_tokens_cached", "Prompt tokens whose KV the prefix cache held",
+                              registry=self.registry)
         self.finished = Counter("qwen3moe_requests_finished", "Requests ended, by how they ended", ["reason"],
                                 registry=self.registry)
         self.ttft = Histogram("qwen3moe_time_to_first_token_seconds", "From a request's arrival to its first token",
@@ -46,6 +50,8 @@ class Metrics:
                 now = time.perf_counter()
                 if last is None:
                     self.prompt.inc(len(job.request.prompt))
+                    self.computed.inc(len(job.request.prompt) - job.request.cached)
+                    self.cached.inc(job.request.cached)
                     self.ttft.observe(now - arrived)
                 else:
                     self.itl.observe(now - last)

@@ -94,6 +94,8 @@ class ResponseShape:
                 "top_logprobs": [{self._token(t): p for t, p in e.logprobs.top} for e in events]}
 
 
-def usage_object(usage) -> dict[str, int]:
+def usage_object(usage) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: the prompt tokens whose KV came from the prefix cache (0 with it off)."""
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}

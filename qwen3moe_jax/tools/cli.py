@@ -132,7 +132,7 @@ def build_model(args: argparse.Namespace) -> Model:
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
     engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
-                       decode_steps=args.decode_steps)
+                       decode_steps=args.decode_steps, prefix_cache=not getattr(args, "no_prefix_cache", False))
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
                      **engine_args, moe_kernel=args.moe_kernel)
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests that share each decode step (KV-cache rows) (default: %(default)s)")
     srv.add_argument("--max-queue", type=_at_least(0), default=64,
                      help="requests that may wait for a row; more get 503 with Retry-After (default: %(default)s)")
+    srv.add_argument("--no-prefix-cache", action="store_true",
+                     help="prefill every prompt whole, never reusing the keys and values of a prefix that a KV-cache "
+                          "row holds from an earlier request (the replies are the same either way)")
     srv.add_argument("--api-key", default=os.environ.get("QWEN3MOE_JAX_API_KEY") or None,
                      help="require 'Authorization: Bearer KEY' on every /v1 route (default: the environment "
                           "variable QWEN3MOE_JAX_API_KEY, which keeps the key out of the process list; "

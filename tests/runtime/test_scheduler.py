@@ -138,20 +138,21 @@ def test_a_cancelled_request_gets_no_token_of_the_block_running_when_it_was_canc
     """A cancel from another request's event (so, while a decode block's tokens are being delivered): the
     cancelled request's later tokens of that block are not delivered; it gets only its end."""
     sampling = qj.SamplingParams(max_new_tokens=20, stop_token_ids=())
+    scheduler = Scheduler(model.engine)  # a fresh one takes rows 0, 1, ... in turn (least recently used first)
     first, second = model.request([1, 2, 3], sampling), model.request([4, 5, 6], sampling)
     got: list = []
     seen_at_cancel: list[int] = []
 
-    def first_emit(item) -> None:  # first holds the lower row: its tokens of a block are delivered before second's
+    def first_emit(item) -> None:  # first holds row 0: its tokens of a block are delivered before second's
         if isinstance(item, Event) and len(got) >= 3 and not seen_at_cancel:
             seen_at_cancel.append(len(got))
-            model.scheduler.cancel(second)
+            scheduler.cancel(second)
 
     first.emit, second.emit = first_emit, got.append
-    model.scheduler.submit(first)
-    model.scheduler.submit(second)
+    scheduler.submit(first)
+    scheduler.submit(second)
     while not (first.finished and second.finished):
-        model.scheduler.step()
+        scheduler.step()
     assert seen_at_cancel and got[-1] is None
     assert len(got) - 1 == seen_at_cancel[0]  # nothing after the cancel but the end
 
