@@ -197,7 +197,7 @@ def decode_block(
     return StepTokens(*(jnp.stack(a) for a in zip(*outs, strict=True))), slots, grammar and (forced, allowed)
 
 
-@partial(jax.jit, donate_argnames="slots")
+@step_program()
 def row_copy(slots: Slots, src: jax.Array, dst: jax.Array) -> tuple[None, Slots]:
     """Row src's keys, values and history written over row dst's (the whole row: one compiled shape)."""
     def copy(a: jax.Array) -> jax.Array:
