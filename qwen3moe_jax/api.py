@@ -27,6 +27,13 @@ from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CH
 from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestEvents, collect
 from qwen3moe_jax.runtime.sampling import SamplingParams
 from qwen3moe_jax.runtime.scheduler import Request, Scheduler
+from qwen3moe_jax.runtime.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    DEFAULT_NGRAM,
+    SpeculativeConfig,
+    SpeculativeEngine,
+    Speculator,
+)
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
@@ -40,22 +47,31 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 class Model:
     """A loaded model: config, params pytree, tokenizer (or None), the engine that runs them over max_batch
     KV-cache rows, and the scheduler that runs requests on the engine (every generation method goes
-    through it)."""
+    through it). With `speculative` settings, decoding drafts tokens and verifies them (speculative.py)."""
 
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        decode_steps: int = DEFAULT_DECODE_STEPS, speculative: SpeculativeConfig | None = None,
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.speculative = speculative
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
-        self.scheduler = Scheduler(self.engine)
+        self._build_engine(max_seq_len, max_batch, prefill_chunk, decode_steps)
         self._grammars: Grammars | None = None
+
+    def _build_engine(self, max_seq_len: int, max_batch: int, prefill_chunk: int, decode_steps: int) -> None:
+        args = (self.params, self.config, max_seq_len, max_batch, self.mesh, prefill_chunk, decode_steps)
+        if self.speculative is None:
+            self.engine = Engine(*args)
+            self.scheduler = Scheduler(self.engine)
+        else:
+            self.engine = SpeculativeEngine(*args, draft_tokens=self.speculative.draft_tokens)
+            self.scheduler = Scheduler(self.engine, speculator=Speculator(self.speculative))
 
     @property
     def max_seq_len(self) -> int:
@@ -70,10 +86,7 @@ class Model:
         if max_batch != self.max_batch:
             if self.scheduler.running or self.scheduler.queued:
                 raise Qwen3MoeError("max_batch cannot change while requests run")
-            e = self.engine
-            self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.chunk_size,
-                                 e.decode_steps)
-            self.scheduler = Scheduler(self.engine)
+            self._build_engine(self.engine.max_seq_len, max_batch, self.engine.chunk_size, self.engine.decode_steps)
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -243,6 +256,9 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str = "auto",
+    speculative: str | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    ngram: int = DEFAULT_NGRAM,
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
@@ -264,12 +280,19 @@ def load(
     decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
     most decode_steps - 1 steps of compute).
     moe_kernel: how the MoE blocks run, one of model.moe.MOE_KERNELS; "auto" reads only the chosen experts'
-    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py."""
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py.
+    speculative: "ngram" drafts up to draft_tokens tokens per step by prompt lookup (n-grams of up to `ngram`
+    tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
+    spec = _speculative(speculative, draft_tokens, ngram)
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, spec)
+
+
+def _speculative(method: str | None, draft_tokens: int, ngram: int) -> SpeculativeConfig | None:
+    return None if method is None else SpeculativeConfig(method, draft_tokens, ngram)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -297,11 +320,14 @@ def random_model(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str | None = None,
+    speculative: str | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    ngram: int = DEFAULT_NGRAM,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
-    max_batch, prefill_chunk, decode_steps and moe_kernel as for `load` ("int8" and "int4" included; moe_kernel
-    None: the config's)."""
+    max_batch, prefill_chunk, decode_steps, moe_kernel and speculation as for `load` ("int8" and "int4" included;
+    moe_kernel None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _resolve_dtype(dtype)
@@ -311,4 +337,5 @@ def random_model(
     params = init_params(config, seed, dtype, std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps,
+                 _speculative(speculative, draft_tokens, ngram))
