@@ -148,7 +148,10 @@ class SpeculativeEngine(Engine):
 
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n tokens
-    (n = ngram, then shorter, down to 1), as code edits and quotes repeat their input."""
+    (n = ngram, then shorter, down to MIN_NGRAM), as code edits and quotes repeat their input. One token is too
+    weak a cue: measured on the bundled model, its drafts were mostly refused."""
+
+    MIN_NGRAM = 2
 
     def __init__(self, ngram: int = DEFAULT_NGRAM):
         if ngram < 1:
@@ -157,7 +160,7 @@ class NgramDrafter:
 
     def propose(self, context: np.ndarray, k: int) -> list[int]:
         n_ctx = len(context)
-        for n in range(min(self.ngram, n_ctx - 1), 0, -1):
+        for n in range(min(self.ngram, n_ctx - 1), min(self.MIN_NGRAM, self.ngram) - 1, -1):
             tail = context[n_ctx - n:]
             # Candidate starts whose n-gram ends before the tail: each has at least one token after it.
             starts = np.flatnonzero(context[: n_ctx - n] == tail[0])
@@ -179,12 +182,12 @@ class DraftBudget:
     acceptance: float = 0.8
     misses: int = 0
     paused: int = 0  # decode calls left without drafting
-    pause: int = 2
+    pause: int = 4
 
     FIRST_ACCEPTANCE = 0.8
     MEMORY = 0.7  # the weight of the past in the running mean
     RECOVERY = 0.1
-    MISSES_TO_PAUSE = 2
+    MISSES_TO_PAUSE = 1
     MAX_PAUSE = 64
 
     def drafting(self) -> bool:
@@ -207,7 +210,7 @@ class DraftBudget:
         rate = 1.0 if accepted == drafted else accepted / (accepted + 1)
         self.acceptance = self.MEMORY * self.acceptance + (1 - self.MEMORY) * rate
         if accepted:
-            self.misses, self.pause = 0, 2
+            self.misses, self.pause = 0, 4
             return
         self.misses += 1
         if self.misses >= self.MISSES_TO_PAUSE:
