@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -23,6 +24,7 @@ from qwen3moe_jax.model.params import Params, init_params
 from qwen3moe_jax.model.router_stats import RouterStats, router_stats
 from qwen3moe_jax.model.sharding import replicate, use_mesh
 from qwen3moe_jax.runtime.constraints import Constraint, Grammars, grammar_of
+from qwen3moe_jax.runtime.draft_model import DraftEngine, ModelDrafter, check_draft_vocabulary
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
 from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestEvents, collect
 from qwen3moe_jax.runtime.sampling import SamplingParams
@@ -47,18 +49,25 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 class Model:
     """A loaded model: config, params pytree, tokenizer (or None), the engine that runs them over max_batch
     KV-cache rows, and the scheduler that runs requests on the engine (every generation method goes
-    through it). With `speculative` settings, decoding drafts tokens and verifies them (speculative.py)."""
+    through it). With `speculative` settings, decoding drafts tokens and verifies them (speculative.py); method
+    "draft_model" drafts with the Model `draft` (draft_model.py)."""
 
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         decode_steps: int = DEFAULT_DECODE_STEPS, speculative: SpeculativeConfig | None = None,
+        draft: Model | None = None,
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.speculative = speculative
+        if (draft is not None) != (speculative is not None and speculative.method == "draft_model"):
+            raise ConfigError("a draft model goes with speculative method 'draft_model', and that method with one")
+        if draft is not None:
+            check_draft_vocabulary((config, tokenizer), (draft.config, draft.tokenizer))
+        self.draft = draft
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
         self._build_engine(max_seq_len, max_batch, prefill_chunk, decode_steps)
@@ -70,8 +79,11 @@ class Model:
             self.engine = Engine(*args)
             self.scheduler = Scheduler(self.engine)
         else:
-            self.engine = SpeculativeEngine(*args, draft_tokens=self.speculative.draft_tokens)
-            self.scheduler = Scheduler(self.engine, speculator=Speculator(self.speculative))
+            k = self.speculative.draft_tokens
+            self.engine = SpeculativeEngine(*args, draft_tokens=k)
+            drafter = None if self.draft is None else ModelDrafter(DraftEngine(
+                self.draft.params, self.draft.config, max_seq_len, max_batch, self.mesh, prefill_chunk), k)
+            self.scheduler = Scheduler(self.engine, speculator=Speculator(self.speculative, drafter))
 
     @property
     def max_seq_len(self) -> int:
@@ -259,9 +271,11 @@ def load(
     speculative: str | None = None,
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ngram: int = DEFAULT_NGRAM,
+    draft_model: str | Path | Model | None = None,
 ) -> Model:
-    """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
-    (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
+    """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`, or dense `qwen3`) or a Hugging Face
+    directory (config.json + *.safetensors of a Qwen3-MoE or a dense Qwen3); with no path, the bundled small model
+    (BUNDLED_MODEL).
 
     dtype is one of DTYPES. "int8" means int8 weights with bfloat16 compute: each matrix of attention,
     the experts, the dense MLPs and lm_head is quantized on the host as it is read (symmetric, one float32
@@ -282,17 +296,38 @@ def load(
     moe_kernel: how the MoE blocks run, one of model.moe.MOE_KERNELS; "auto" reads only the chosen experts'
     weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py.
     speculative: "ngram" drafts up to draft_tokens tokens per step by prompt lookup (n-grams of up to `ngram`
-    tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off."""
+    tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off.
+    draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
+    tokens per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
+    "draft_model" (or None)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
-    spec = _speculative(speculative, draft_tokens, ngram)
+    spec = _speculative(speculative, draft_tokens, ngram, draft_model)
+    draft = _draft(draft_model, dtype, progress, mesh)
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, spec)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, spec, draft)
 
 
-def _speculative(method: str | None, draft_tokens: int, ngram: int) -> SpeculativeConfig | None:
+def _speculative(method: str | None, draft_tokens: int, ngram: int,
+                 draft_model: str | Path | Model | None) -> SpeculativeConfig | None:
+    if draft_model is not None:
+        if method not in (None, "draft_model"):
+            raise ConfigError(f"speculative={method!r} and a draft model: choose one way of drafting")
+        method = "draft_model"
+    elif method == "draft_model":
+        raise ConfigError("speculative='draft_model' needs a draft_model (a checkpoint path or a Model)")
     return None if method is None else SpeculativeConfig(method, draft_tokens, ngram)
+
+
+def _draft(draft_model: str | Path | Model | None, dtype: Any, progress: bool, mesh: Mesh | None) -> Model | None:
+    """The draft model: a Model as given, or a checkpoint read as load reads one."""
+    if draft_model is None or isinstance(draft_model, Model):
+        return draft_model
+    if jax.process_count() > 1:
+        raise ConfigError("a draft model runs on one process: multi-host serving does not support it")
+    config, params, tokenizer = read_checkpoint(Path(draft_model), dtype, progress, mesh, "auto")
+    return Model(config, params, tokenizer, mesh=mesh)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -323,6 +358,7 @@ def random_model(
     speculative: str | None = None,
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ngram: int = DEFAULT_NGRAM,
+    draft_model: str | Path | Model | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
@@ -338,4 +374,4 @@ def random_model(
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
     return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps,
-                 _speculative(speculative, draft_tokens, ngram))
+                 _speculative(speculative, draft_tokens, ngram, draft_model), _draft(draft_model, dtype, False, mesh))

@@ -18,8 +18,9 @@ KV-cache slots and history entries written past what a row kept need no undoing:
 penalty read a row's slots only up to the position being computed, and every later step writes its position
 before it reads it. The row's next_token is the last token kept.
 
-Drafters run on the host between steps (`NgramDrafter`: prompt lookup). A row whose drafts keep failing drafts
-less and then pauses (`DraftBudget`). Constrained rows never draft (their mask depends on each token taken).
+Drafters run between steps: `NgramDrafter` (prompt lookup, on the host) or a draft model (draft_model.py:
+`ModelDrafter`, greedy, on a KV cache of its own). A row whose drafts keep failing drafts less and then pauses
+(`DraftBudget`). Constrained rows never draft (their mask depends on each token taken).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import dataclasses
 import weakref
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ from qwen3moe_jax.runtime.constraints import ALL_ALLOWED
 from qwen3moe_jax.runtime.engine import Engine, Slots, StepTokens, _sample_step, attention_window, bucket_length
 from qwen3moe_jax.runtime.sampling import SamplerState
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")  # prompt lookup; a draft model (load's draft_model, serve's --draft-model)
 # Measured on the bundled model, 2 CPU cores (README, "Speculative decoding"): see scripts/bench_speculative.py.
 DEFAULT_DRAFT_TOKENS = 7
 DEFAULT_NGRAM = 3
@@ -146,6 +147,14 @@ class SpeculativeEngine(Engine):
             width *= 2
 
 
+class Drafter(Protocol):
+    """What drafts for the Speculator: NgramDrafter, draft_model.ModelDrafter."""
+
+    def draft(self, requests: Sequence[Any], ks: Sequence[int]) -> list[list[int]]:
+        """Row b's draft of at most ks[b] tokens (requests[b] is the request in row b; [] where ks[b] is 0)."""
+        ...
+
+
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n tokens
     (n = ngram, then shorter, down to MIN_NGRAM), as code edits and quotes repeat their input. One token is too
@@ -157,6 +166,10 @@ class NgramDrafter:
         if ngram < 1:
             raise ConfigError(f"the n-gram size must be at least 1, got {ngram}")
         self.ngram = ngram
+
+    def draft(self, requests: Sequence[Any], ks: Sequence[int]) -> list[list[int]]:
+        return [self.propose(np.asarray(r.prompt + r.output, np.int32), k) if k else [] for r, k in zip(
+            requests, ks, strict=True)]
 
     def propose(self, context: np.ndarray, k: int) -> list[int]:
         n_ctx = len(context)
@@ -220,7 +233,8 @@ class DraftBudget:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding settings: the method ("ngram"), the most tokens drafted per step, the n-gram size."""
+    """Speculative decoding settings: the method (one of METHODS), the most tokens drafted per step, the n-gram
+    size (for "ngram")."""
 
     method: str = "ngram"
     draft_tokens: int = DEFAULT_DRAFT_TOKENS
@@ -236,12 +250,12 @@ class SpeculativeConfig:
 
 
 class Speculator:
-    """The scheduler's side of speculation: each row's draft for the next step and its DraftBudget, and the
-    counts of tokens drafted and accepted (the server's metrics)."""
+    """The scheduler's side of speculation: each row's draft for the next step (from `drafter`; None: prompt
+    lookup) and its DraftBudget, and the counts of tokens drafted and accepted (the server's metrics)."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, drafter: Drafter | None = None):
         self.config = config
-        self.drafter = NgramDrafter(config.ngram)
+        self.drafter = drafter or NgramDrafter(config.ngram)
         self._budgets: weakref.WeakKeyDictionary[Any, DraftBudget] = weakref.WeakKeyDictionary()
         self.drafted_tokens = 0
         self.accepted_tokens = 0
@@ -254,22 +268,25 @@ class Speculator:
     def drafts(self, requests: Sequence[Any], rooms: Sequence[int], decode_steps: int) -> list[list[int]] | None:
         """Each request's draft for a verify step (at most its room tokens; [] for None and rows that do not
         draft now), or None when a decode block of decode_steps tokens a row is expected to bring more tokens than
-        the verify step (which brings a row without a draft one token): then no row speculates at this call."""
-        drafts, gain = [], 0.0
-        for request, room in zip(requests, rooms, strict=True):
-            k = min(room, self.config.draft_tokens)
-            draft = []
-            if request is not None and k > 0 and self.budget(request).drafting():
-                draft = self.drafter.propose(np.asarray(request.prompt + request.output, np.int32), k)
-            drafts.append(draft)
-            if request is not None:
-                gain += self.budget(request).expected_tokens(len(draft)) - VERIFY_COST * decode_steps
-        if any(drafts) and gain > 0:
-            return drafts
+        the verify step (which brings a row without a draft one token): then no row speculates at this call. Nothing
+        is drafted when even drafts of the full length would not pay (a draft model's step saved)."""
+        ks = [min(room, self.config.draft_tokens) if request is not None else 0
+              for request, room in zip(requests, rooms, strict=True)]
+        ks = [k if k > 0 and self.budget(request).drafting() else 0 for request, k in zip(requests, ks, strict=True)]
+        drafts = [[0] * k for k in ks]  # as long as can be, first
+        if any(ks) and self._gain(requests, drafts, decode_steps) > 0:
+            drafts = self.drafter.draft(requests, ks)
+            if any(drafts) and self._gain(requests, drafts, decode_steps) > 0:
+                return drafts
         for request, draft in zip(requests, drafts, strict=True):
             if draft:
                 self.budget(request).skipped()
         return None
+
+    def _gain(self, requests: Sequence[Any], drafts: Sequence[list[int]], decode_steps: int) -> float:
+        """The tokens a verify step with these drafts is expected to bring beyond a decode block, at its cost."""
+        return sum(self.budget(r).expected_tokens(len(d)) - VERIFY_COST * decode_steps
+                   for r, d in zip(requests, drafts, strict=True) if r is not None)
 
     def record(self, request: Any, drafted: int, accepted: int) -> None:
         self.drafted_tokens += drafted

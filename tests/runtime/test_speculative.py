@@ -72,8 +72,8 @@ class _FixedDrafter:
     def __init__(self, token: int):
         self.token = token
 
-    def propose(self, context: np.ndarray, k: int) -> list[int]:
-        return [self.token] * k
+    def draft(self, requests, ks) -> list[list[int]]:
+        return [[self.token] * k for k in ks]
 
 
 def test_sampled_tokens_follow_the_target_distribution_chi_square():
