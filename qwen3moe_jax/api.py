@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -23,10 +24,18 @@ from qwen3moe_jax.model.params import Params, init_params
 from qwen3moe_jax.model.router_stats import RouterStats, router_stats
 from qwen3moe_jax.model.sharding import replicate, use_mesh
 from qwen3moe_jax.runtime.constraints import Constraint, Grammars, grammar_of
+from qwen3moe_jax.runtime.draft_model import DraftEngine, ModelDrafter, check_draft_vocabulary
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
 from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestEvents, collect
 from qwen3moe_jax.runtime.sampling import SamplingParams
 from qwen3moe_jax.runtime.scheduler import Request, Scheduler
+from qwen3moe_jax.runtime.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    DEFAULT_NGRAM,
+    SpeculativeConfig,
+    SpeculativeEngine,
+    Speculator,
+)
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
@@ -40,22 +49,43 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 class Model:
     """A loaded model: config, params pytree, tokenizer (or None), the engine that runs them over max_batch
     KV-cache rows, and the scheduler that runs requests on the engine (every generation method goes
-    through it)."""
+    through it). With `speculative` settings, decoding drafts tokens and verifies them (speculative.py); method
+    "draft_model" drafts with the Model `draft` (draft_model.py)."""
 
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         decode_steps: int = DEFAULT_DECODE_STEPS, prefix_cache: bool = True,
+        speculative: SpeculativeConfig | None = None, draft: Model | None = None,
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.speculative = speculative
+        if (draft is not None) != (speculative is not None and speculative.method == "draft_model"):
+            raise ConfigError("a draft model goes with speculative method 'draft_model', and that method with one")
+        if draft is not None:
+            check_draft_vocabulary((config, tokenizer), (draft.config, draft.tokenizer))
+        self.draft = draft
+        self.prefix_cache = prefix_cache
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
-        self.scheduler = Scheduler(self.engine, prefix_cache=prefix_cache)
+        self._build_engine(max_seq_len, max_batch, prefill_chunk, decode_steps)
         self._grammars: Grammars | None = None
+
+    def _build_engine(self, max_seq_len: int, max_batch: int, prefill_chunk: int, decode_steps: int) -> None:
+        args = (self.params, self.config, max_seq_len, max_batch, self.mesh, prefill_chunk, decode_steps)
+        if self.speculative is None:
+            self.engine = Engine(*args)
+            self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache)
+        else:
+            k = self.speculative.draft_tokens
+            self.engine = SpeculativeEngine(*args, draft_tokens=k)
+            drafter = None if self.draft is None else ModelDrafter(DraftEngine(
+                self.draft.params, self.draft.config, max_seq_len, max_batch, self.mesh, prefill_chunk), k)
+            self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache,
+                                       speculator=Speculator(self.speculative, drafter))
 
     @property
     def max_seq_len(self) -> int:
@@ -70,10 +100,8 @@ class Model:
         if max_batch != self.max_batch:
             if self.scheduler.running or self.scheduler.queued:
                 raise Qwen3MoeError("max_batch cannot change while requests run")
-            e = self.engine
-            self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.chunk_size,
-                                 e.decode_steps)
-            self.scheduler = Scheduler(self.engine, prefix_cache=self.scheduler.prefix_cache.enabled)
+            self.prefix_cache = self.scheduler.prefix_cache.enabled  # as switched since
+            self._build_engine(self.engine.max_seq_len, max_batch, self.engine.chunk_size, self.engine.decode_steps)
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -244,9 +272,14 @@ def load(
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str = "auto",
     prefix_cache: bool = True,
+    speculative: str | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    ngram: int = DEFAULT_NGRAM,
+    draft_model: str | Path | Model | None = None,
 ) -> Model:
-    """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
-    (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
+    """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`, or dense `qwen3`) or a Hugging Face
+    directory (config.json + *.safetensors of a Qwen3-MoE or a dense Qwen3); with no path, the bundled small model
+    (BUNDLED_MODEL).
 
     dtype is one of DTYPES. "int8" means int8 weights with bfloat16 compute: each matrix of attention,
     the experts, the dense MLPs and lm_head is quantized on the host as it is read (symmetric, one float32
@@ -268,12 +301,41 @@ def load(
     weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py.
     prefix_cache: a request reuses the keys and values of the prompt prefix a KV-cache row holds from an earlier
     request, in whole prefill chunks, and prefills only the rest; its tokens and logprobs are those it gets without
-    (runtime/prefix_cache.py)."""
+    (runtime/prefix_cache.py).
+    speculative: "ngram" drafts up to draft_tokens tokens per step by prompt lookup (n-grams of up to `ngram`
+    tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off.
+    draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
+    tokens per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
+    "draft_model" (or None)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
+    spec = _speculative(speculative, draft_tokens, ngram, draft_model)
+    draft = _draft(draft_model, dtype, progress, mesh)
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache,
+                 spec, draft)
+
+
+def _speculative(method: str | None, draft_tokens: int, ngram: int,
+                 draft_model: str | Path | Model | None) -> SpeculativeConfig | None:
+    if draft_model is not None:
+        if method not in (None, "draft_model"):
+            raise ConfigError(f"speculative={method!r} and a draft model: choose one way of drafting")
+        method = "draft_model"
+    elif method == "draft_model":
+        raise ConfigError("speculative='draft_model' needs a draft_model (a checkpoint path or a Model)")
+    return None if method is None else SpeculativeConfig(method, draft_tokens, ngram)
+
+
+def _draft(draft_model: str | Path | Model | None, dtype: Any, progress: bool, mesh: Mesh | None) -> Model | None:
+    """The draft model: a Model as given, or a checkpoint read as load reads one."""
+    if draft_model is None or isinstance(draft_model, Model):
+        return draft_model
+    if jax.process_count() > 1:
+        raise ConfigError("a draft model runs on one process: multi-host serving does not support it")
+    config, params, tokenizer = read_checkpoint(Path(draft_model), dtype, progress, mesh, "auto")
+    return Model(config, params, tokenizer, mesh=mesh)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -302,11 +364,15 @@ def random_model(
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str | None = None,
     prefix_cache: bool = True,
+    speculative: str | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    ngram: int = DEFAULT_NGRAM,
+    draft_model: str | Path | Model | None = None,
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
-    max_batch, prefill_chunk, decode_steps, moe_kernel and prefix_cache as for `load` ("int8" and "int4" included;
-    moe_kernel None: the config's)."""
+    max_batch, prefill_chunk, decode_steps, moe_kernel, prefix_cache and speculation as for `load` ("int8" and "int4"
+    included; moe_kernel None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _resolve_dtype(dtype)
@@ -316,4 +382,5 @@ def random_model(
     params = init_params(config, seed, dtype, std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache,
+                 _speculative(speculative, draft_tokens, ngram, draft_model), _draft(draft_model, dtype, False, mesh))

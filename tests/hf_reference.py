@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 
 def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **config) -> Qwen3MoeForCausalLM:
@@ -20,3 +20,11 @@ def save_hf_model(path: Path, seed: int, initializer_range: float = 0.1, **confi
     model.save_pretrained(path)
     return model
 
+
+
+def save_hf_dense_model(path: Path, seed: int, initializer_range: float = 0.1, **config) -> Qwen3ForCausalLM:
+    """save_hf_model for a dense Qwen3 (Qwen3ForCausalLM, model_type "qwen3": a draft model's architecture)."""
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(initializer_range=initializer_range, **config)).eval()
+    model.save_pretrained(path)
+    return model

@@ -1,6 +1,6 @@
 """A checkpoint on disk to (config, params on the device, tokenizer), whatever its format: a GGUF file (llama.cpp
-`qwen3moe`, gguf_file.py) or a Hugging Face directory (config.json + *.safetensors, hf.py); and back, the params
-as float32 host arrays for the writers."""
+`qwen3moe` or dense `qwen3`, gguf_file.py) or a Hugging Face directory (config.json + *.safetensors, hf.py); and
+back, the params as float32 host arrays for the writers."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _read_gguf(path: Path, dtype: Any, progress: bool, mesh: Mesh | None,
         spec = shapes[name]
 
         def read(dt: Any) -> np.ndarray | QuantizedWeight:
-            raw = tensors.raw(gguf_name(name))
+            raw = tensors.raw(gguf_name(name, config))
             if (dtype == INT4 and raw.qtype in INT4_TYPES and is_quantized(name, spec.axes)
                     and is_int4_groupable(spec.axes, spec.shape)):  # 4-bit blocks go to the device as stored
                 return int4_from_gguf(raw, name, spec.shape, group_axis(spec.axes))

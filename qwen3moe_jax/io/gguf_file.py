@@ -1,8 +1,9 @@
-"""GGUF files of llama.cpp's `qwen3moe` architecture, read: memory-mapped, dequantized tensor by tensor with the
-`gguf` package, config, tokenizer and chat template from the metadata (gguf_write.py writes them).
+"""GGUF files of llama.cpp's `qwen3moe` architecture, and of its dense `qwen3` (a draft model's), read:
+memory-mapped, dequantized tensor by tensor with the `gguf` package, config, tokenizer and chat template from the
+metadata (gguf_write.py writes them).
 
 llama.cpp's qwen3moe graph always renormalises the top-k router weights and has no dense MLP layers, so
-a GGUF file means norm_topk_prob=True and every layer MoE.
+a qwen3moe file means norm_topk_prob=True and every layer MoE; a qwen3 file, every layer dense.
 GGUF numpy shapes are ggml's `ne` reversed, which makes every linear weight [out, in] (as in HF files).
 """
 
@@ -29,6 +30,7 @@ from qwen3moe_jax.model.params import named_leaves, param_specs
 from qwen3moe_jax.model.quant import GROUP, QuantizedWeight, int4_from_gguf_blocks
 
 ARCH = "qwen3moe"
+DENSE_ARCH = "qwen3"  # llama.cpp's dense Qwen3 (Qwen3ForCausalLM): the same tensors, a dense MLP in every layer
 Q = GGMLQuantizationType
 READABLE_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K}
 INT4_TYPES = {Q.Q4_0, Q.Q4_K}  # 4-bit types whose blocks dtype="int4" keeps as stored (quant.int4_from_gguf_blocks)
@@ -45,14 +47,15 @@ _SCALARS = {
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
     GGUFValueType.FLOAT64: "<f8",
 }
-# Our config fields -> the metadata keys they are read from, to name the key when a value is refused.
+# Our config fields -> the metadata keys they are read from ("{arch}": the file's architecture), to name the key
+# when a value is refused.
 CONFIG_KEYS = {
-    "hidden_size": f"{ARCH}.embedding_length", "num_layers": f"{ARCH}.block_count",
-    "num_heads": f"{ARCH}.attention.head_count", "num_kv_heads": f"{ARCH}.attention.head_count_kv",
-    "head_dim": f"{ARCH}.attention.key_length", "num_experts": f"{ARCH}.expert_count",
-    "num_experts_per_tok": f"{ARCH}.expert_used_count", "moe_intermediate_size": f"{ARCH}.expert_feed_forward_length",
-    "intermediate_size": f"{ARCH}.feed_forward_length", "rms_norm_eps": f"{ARCH}.attention.layer_norm_rms_epsilon",
-    "rope_theta": f"{ARCH}.rope.freq_base", "max_position_embeddings": f"{ARCH}.context_length",
+    "hidden_size": "{arch}.embedding_length", "num_layers": "{arch}.block_count",
+    "num_heads": "{arch}.attention.head_count", "num_kv_heads": "{arch}.attention.head_count_kv",
+    "head_dim": "{arch}.attention.key_length", "num_experts": "{arch}.expert_count",
+    "num_experts_per_tok": "{arch}.expert_used_count", "moe_intermediate_size": "{arch}.expert_feed_forward_length",
+    "intermediate_size": "{arch}.feed_forward_length", "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon",
+    "rope_theta": "{arch}.rope.freq_base", "max_position_embeddings": "{arch}.context_length",
     "vocab_size": "tokenizer.ggml.tokens", "bos_token_id": "tokenizer.ggml.bos_token_id",
     "eos_token_ids": "tokenizer.ggml.eos_token_id",
 }
@@ -80,12 +83,15 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def gguf_name(name: str) -> str:
-    """Our param name -> the GGUF tensor name (llama.cpp's names, kept as they are)."""
+def gguf_name(name: str, config: ModelConfig | None = None) -> str:
+    """Our param name -> the GGUF tensor name (llama.cpp's names, kept as they are). A dense layer's MLP (`config`
+    says which layers are dense; without one, every layer is MoE) is ffn_gate / ffn_up / ffn_down."""
     top = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
     if name in top:
         return top[name]
     _, layer, *rest = name.split(".")
+    if config is not None and not config.is_moe_layer(int(layer)) and rest[0] == "mlp":
+        return f"blk.{layer}.ffn_{rest[-1]}.weight"
     leaf = {
         "attn_norm": "attn_norm", "mlp_norm": "ffn_norm",
         "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
@@ -332,21 +338,23 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
     """The model shape from the metadata, each key of the kind it must be, the relations between them
     checked by ModelConfig (errors name the key)."""
     arch = tensors.field("general.architecture", kind="a string")
-    if arch != ARCH:
-        raise ConfigError(f"{tensors.path} has architecture {arch!r}; this package runs {ARCH!r}")
+    if arch not in (ARCH, DENSE_ARCH):
+        raise ConfigError(f"{tensors.path} has architecture {arch!r}; this package runs {ARCH!r} (and dense "
+                          f"{DENSE_ARCH!r})")
+    dense = arch == DENSE_ARCH
 
     def key(name: str, default: Any = _REQUIRED, kind: str = "an integer") -> Any:
-        value = tensors.field(f"{ARCH}.{name}", default, kind)
+        value = tensors.field(f"{arch}.{name}", default, kind)
         if value is _REQUIRED:
-            raise CheckpointError(f"{tensors.path} lacks the metadata key {ARCH}.{name}")
+            raise CheckpointError(f"{tensors.path} lacks the metadata key {arch}.{name}")
         return value
 
     hidden, heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", hidden // heads if heads > 0 else 0)
     if key("attention.value_length", head_dim) != head_dim:
-        raise ConfigError(f"{tensors.path}: {ARCH}.attention.value_length differs from key_length ({head_dim}); "
-                          "qwen3moe attention has one head size")
-    if key("expert_count") < 1:
+        raise ConfigError(f"{tensors.path}: {arch}.attention.value_length differs from key_length ({head_dim}); "
+                          f"{arch} attention has one head size")
+    if not dense and key("expert_count") < 1:
         raise ConfigError(f"{tensors.path}: {ARCH}.expert_count must be positive: every qwen3moe layer has experts")
     eos = tensors.field("tokenizer.ggml.eos_token_id", kind="an integer")
     vocab = tensors.field("tokenizer.ggml.tokens", kind="a list of strings")
@@ -360,10 +368,10 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=key("attention.head_count_kv", heads),
             head_dim=head_dim,
-            num_experts=key("expert_count"),
-            num_experts_per_tok=key("expert_used_count"),
-            moe_intermediate_size=key("expert_feed_forward_length"),
-            intermediate_size=key("feed_forward_length", 0),
+            num_experts=0 if dense else key("expert_count"),
+            num_experts_per_tok=1 if dense else key("expert_used_count"),
+            moe_intermediate_size=0 if dense else key("expert_feed_forward_length"),
+            intermediate_size=key("feed_forward_length") if dense else key("feed_forward_length", 0),
             norm_topk_prob=True,
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", kind="a number")),
             rope_theta=float(key("rope.freq_base", 10000.0, "a number")),
@@ -373,7 +381,7 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
             eos_token_ids=() if eos is None else (eos,),
         )
     except ConfigError as err:
-        where = f" (metadata {CONFIG_KEYS[err.field]})" if err.field in CONFIG_KEYS else ""
+        where = f" (metadata {CONFIG_KEYS[err.field].format(arch=arch)})" if err.field in CONFIG_KEYS else ""
         raise ConfigError(f"{tensors.path}: {err}{where}", err.field) from None
 
 
@@ -381,10 +389,11 @@ def check_gguf_tensors(tensors: GGUFTensors, config: ModelConfig) -> None:
     """Before any weight is read: the file holds exactly the tensors the metadata implies (every layer's, no
     other layers, nothing else), each of the shape the metadata implies and of a type this loader reads."""
     layers = {int(m[1]) for name in tensors.tensors if (m := re.match(r"blk\.(\d+)\.", name))}
-    check_layers(config, layers, tensors.path, f"metadata {CONFIG_KEYS['num_layers']}")
+    arch = ARCH if config.num_experts else DENSE_ARCH
+    check_layers(config, layers, tensors.path, f"metadata {CONFIG_KEYS['num_layers'].format(arch=arch)}")
     expected = set()
     for name, spec in named_leaves(param_specs(config)).items():
-        gguf_tensor = gguf_name(name)
+        gguf_tensor = gguf_name(name, config)
         expected.add(gguf_tensor)
         tensor = tensors.raw(gguf_tensor)  # refuses missing tensors and unread types
         shape = tuple(reversed(tensors.tensors[gguf_tensor].shape.tolist()))
@@ -393,7 +402,7 @@ def check_gguf_tensors(tensors: GGUFTensors, config: ModelConfig) -> None:
             raise CheckpointError(f"{tensors.path}: tensor {gguf_tensor} ({tensor.qtype.name}) has shape {shape}, "
                                   f"but the metadata implies {implied}")
     if extra := sorted(set(tensors.tensors) - expected):
-        raise CheckpointError(f"{tensors.path} holds tensors a qwen3moe model of its metadata does not have: "
+        raise CheckpointError(f"{tensors.path} holds tensors a {arch} model of its metadata does not have: "
                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
 
 

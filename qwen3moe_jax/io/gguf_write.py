@@ -1,6 +1,6 @@
-"""GGUF files of llama.cpp's `qwen3moe` architecture, written (F32, F16, BF16, Q8_0, Q4_0): weights, config,
-tokenizer and chat template. llama.cpp's qwen3moe graph always renormalises the top-k router weights and has no
-dense MLP layers; the writer refuses configs it cannot express."""
+"""GGUF files of llama.cpp's `qwen3moe` architecture (or its dense `qwen3`, for a model without experts), written
+(F32, F16, BF16, Q8_0, Q4_0): weights, config, tokenizer and chat template. llama.cpp's qwen3moe graph always
+renormalises the top-k router weights and has no dense MLP layers; the writer refuses configs it cannot express."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGUFWriter, quants
 
 from qwen3moe_jax.errors import ConfigError
-from qwen3moe_jax.io.gguf_file import ARCH, Q, gguf_name, to_gguf_layout
+from qwen3moe_jax.io.gguf_file import ARCH, DENSE_ARCH, Q, gguf_name, to_gguf_layout
 from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.model.config import ModelConfig
 
@@ -19,7 +19,10 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # llama.cpp
 
 
 def check_gguf_expressible(config: ModelConfig) -> None:
-    """llama.cpp's qwen3moe cannot run dense layers or un-renormalised top-k; refuse rather than mislead."""
+    """llama.cpp's qwen3moe cannot run dense layers or un-renormalised top-k; refuse rather than mislead. A model
+    without experts is a dense qwen3."""
+    if not config.num_experts:
+        return
     if not config.norm_topk_prob:
         raise ConfigError("GGUF qwen3moe always renormalises top-k router weights; this model has norm_topk_prob=False")
     if not all(config.is_moe_layer(i) for i in range(config.num_layers)):
@@ -34,7 +37,7 @@ def write_gguf(
     tokenizer: Tokenizer | None = None,
 ) -> None:
     """Write params (our names -> numpy arrays in our layout), and the tokenizer with its chat template
-    when given, as a qwen3moe GGUF file.
+    when given, as a qwen3moe GGUF file (qwen3 for a model without experts).
 
     Matrices are stored in `qtype`; norm vectors stay F32 as llama.cpp's converter keeps them. A matrix
     whose rows do not divide into the type's blocks is stored F32.
@@ -44,30 +47,31 @@ def write_gguf(
     check_gguf_expressible(config)
     target = WRITABLE_TYPES[qtype]
     block = quants.GGML_QUANT_SIZES[target][0]
-    writer = GGUFWriter(str(path), ARCH)
     c = config
+    writer = GGUFWriter(str(path), ARCH if c.num_experts else DENSE_ARCH)
     writer.add_block_count(c.num_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_expert_feed_forward_length(c.moe_intermediate_size)
     writer.add_head_count(c.num_heads)
     writer.add_head_count_kv(c.num_kv_heads)
     writer.add_key_length(c.head_dim)
     writer.add_value_length(c.head_dim)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_theta)
-    writer.add_expert_count(c.num_experts)
-    writer.add_expert_used_count(c.num_experts_per_tok)
+    if c.num_experts:
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
     writer.add_file_type(FILE_TYPES[qtype])
     if tokenizer is not None:
         _add_tokenizer(writer, config, tokenizer)
     for name, array in named_arrays.items():
         data = np.ascontiguousarray(to_gguf_layout(name, np.asarray(array, np.float32)))
         if data.ndim == 1 or target == Q.F32 or data.shape[-1] % block:
-            writer.add_tensor(gguf_name(name), data)
+            writer.add_tensor(gguf_name(name, c), data)
         else:
-            writer.add_tensor(gguf_name(name), quants.quantize(data, target), raw_dtype=target)
+            writer.add_tensor(gguf_name(name, c), quants.quantize(data, target), raw_dtype=target)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,4 +1,7 @@
-"""The model shape: one frozen dataclass, built from a Hugging Face config.json or a named preset."""
+"""The model shape: one frozen dataclass, built from a Hugging Face config.json or a named preset.
+
+A dense Qwen3 (`Qwen3ForCausalLM`, model_type "qwen3", e.g. Qwen3-0.6B, the usual draft model for speculative
+decoding) is the same model with no experts: every layer takes the dense MLP path (num_experts = 0)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from qwen3moe_jax.errors import ConfigError
 # They live in the repository's configs/ folder; wheels carry a copy inside the package.
 _PACKAGE = Path(__file__).parents[1]
 _PRESET_DIRS = (_PACKAGE / "configs", _PACKAGE.parent / "configs")  # in a wheel, in a checkout
+MODEL_TYPES = ("qwen3_moe", "qwen3")  # Hugging Face's names of Qwen3-MoE and dense Qwen3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +110,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from the fields of a Hugging Face Qwen3-MoE config.json (transformers 4 or 5 layout). Values
-        are passed on as they are, so __post_init__ judges their types and ranges."""
+        """Build from the fields of a Hugging Face Qwen3-MoE or dense Qwen3 config.json (transformers 4 or 5
+        layout). Values are passed on as they are, so __post_init__ judges their types and ranges."""
         if not isinstance(hf, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "qwen3_moe")
-        if model_type != "qwen3_moe":
-            raise ConfigError(f"expected model_type 'qwen3_moe', got {model_type!r}", "model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"expected model_type 'qwen3_moe' or 'qwen3', got {model_type!r}", "model_type")
+        if any(kind != "full_attention" for kind in hf.get("layer_types") or ()):
+            raise ConfigError("layer_types other than full_attention (sliding windows) are not supported",
+                              "layer_types")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"only hidden_act 'silu' is supported, got {hf['hidden_act']!r}", "hidden_act")
         if hf.get("attention_bias", False):
@@ -145,7 +152,7 @@ class ModelConfig:
                 num_heads=num_heads,
                 num_kv_heads=num_heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],
                 head_dim=hf.get("head_dim") or derived_head_dim,
-                num_experts=hf.get("num_experts", hf.get("num_local_experts", 0)),
+                num_experts=0 if model_type == "qwen3" else hf.get("num_experts", hf.get("num_local_experts", 0)),
                 num_experts_per_tok=hf.get("num_experts_per_tok", 1),
                 moe_intermediate_size=hf.get("moe_intermediate_size", 0),
                 intermediate_size=hf.get("intermediate_size", 0),
@@ -163,7 +170,21 @@ class ModelConfig:
             raise ConfigError(f"config.json lacks the required field {missing}", str(missing).strip("'")) from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json fields of this shape (transformers 5 layout); from_hf_dict reads them back."""
+        """The config.json fields of this shape (transformers 5 layout): a dense Qwen3's when it has no experts;
+        from_hf_dict reads them back."""
+        if not self.num_experts:
+            return {
+                "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                "attention_bias": False, "use_sliding_window": False, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "rms_norm_eps": self.rms_norm_eps,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "max_position_embeddings": self.max_position_embeddings, "bos_token_id": self.bos_token_id,
+                "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            }
         return {
             "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_act": "silu",
             "attention_bias": False, "use_sliding_window": False,

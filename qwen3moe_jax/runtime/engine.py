@@ -229,6 +229,8 @@ class Engine:
     can only be traced (`trace`), exactly as they would run there (tools/aot.py compiles them).
     """
 
+    STEPS = ("set_sampling", "prefill", "decode", "copy_row")  # what `call` runs (speculative.py adds "verify")
+
     def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS,
                  device: jax.Device | None = None):
@@ -333,8 +335,9 @@ class Engine:
         self.steps_run += 1
 
     def call(self, op: str, **kwargs: Any) -> StepTokens:
-        """Run the step named op ("set_sampling", "prefill", "decode" or "copy_row") with plain-value arguments."""
-        if op not in ("set_sampling", "prefill", "decode", "copy_row"):
+        """Run the step named op (one of STEPS: "set_sampling", "prefill", "decode", "copy_row") with plain-value
+        arguments."""
+        if op not in self.STEPS:
             raise Qwen3MoeError(f"unknown engine step {op!r}")
         return getattr(self, op)(**kwargs)
 

@@ -39,6 +39,7 @@ from qwen3moe_jax.runtime.engine import Engine, StepTokens
 from qwen3moe_jax.runtime.generation import Event, Logprobs, RequestEvents
 from qwen3moe_jax.runtime.prefix_cache import PrefixCache
 from qwen3moe_jax.runtime.sampling import SamplingParams
+from qwen3moe_jax.runtime.speculative import UNKEPT, Speculator
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Request:
     cancelled: bool = False
     finished: bool = False
     admitted: int = 0  # admission order
+    output: list[int] = dataclasses.field(default_factory=list)  # the tokens delivered so far
 
     @property
     def cached(self) -> int:
@@ -91,13 +93,17 @@ class Scheduler:
     the step to its followers (multihost.py). max_queue bounds the requests waiting for a row beyond those
     the free rows take at the next step (None: no bound); chunks_per_step is the most prompt chunks per step
     (more: faster admission, longer gaps in the running streams); prefix_cache: reuse the KV of prompt prefixes
-    that rows hold (prefix_cache.py; the attribute `prefix_cache.enabled` switches it later)."""
+    that rows hold (prefix_cache.py; the attribute `prefix_cache.enabled` switches it later). With a `speculator`
+    (speculative.py; the engine is then a SpeculativeEngine), a decode step where some row has a draft is a verify
+    step instead."""
 
     def __init__(self, engine: Engine, chunks_per_step: int = DEFAULT_CHUNKS_PER_STEP, max_queue: int | None = None,
-                 call: Callable[..., StepTokens] | None = None, prefix_cache: bool = True):
+                 call: Callable[..., StepTokens] | None = None, prefix_cache: bool = True,
+                 speculator: Speculator | None = None):
         self.engine = engine
         self.prefix_cache = PrefixCache(engine.batch_size, engine.chunk_size, prefix_cache)
         self._steps_seen = engine.steps_run  # the engine's steps the prefix cache has seen (_admit)
+        self.speculator = speculator
         self.chunks_per_step = chunks_per_step
         self.max_queue = max_queue
         self.call = call or engine.call
@@ -303,6 +309,8 @@ class Scheduler:
         active = [r is not None and r.decoding for r in self.rows]
         requests = [r if a else None for r, a in zip(self.rows, active, strict=True)]
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in requests)
+        if self.speculator is not None and self._verify(requests, logprobs):
+            return
         constraints = [r.constraint if r is not None else None for r in requests]
         constrained = any(c is not None for c in constraints)
         self.engine.grammar.begin(constraints)  # the block hands them its tokens, and they give the next masks
@@ -316,6 +324,40 @@ class Scheduler:
             if request is not None:
                 self._guarded(request, lambda b=b, request=request: self._deliver(request, out, b, failures.get(b)))
                 request.position += out.token.shape[0]
+
+    def _verify(self, requests: list[Request | None], logprobs: bool) -> bool:
+        """A verify step of every decoding row with its draft, where drafting pays (speculative.py); False where it
+        does not (the caller runs a decode block). A constrained row makes its one token under its mask, and its
+        constraint takes it here."""
+        # A constrained row drafts nothing: its next mask depends on each token taken.
+        rooms = [0 if r is None or r.constraint else r.events.limit - r.events.count - 1 for r in requests]
+        drafts = self.speculator.drafts(requests, rooms, self.engine.decode_steps)
+        if drafts is None:
+            return False
+        constraints = [r.constraint if r is not None else None for r in requests]
+        forced = [c.next_forced if c else -1 for c in constraints]
+        out = self._device(
+            "verify", positions=[r.position if r else 0 for r in requests], active=[r is not None for r in requests],
+            drafts=drafts, logprobs=logprobs,
+            allowed=[c.next_mask if c else None for c in constraints] if any(constraints) else None,
+            forced=forced if any(t >= 0 for t in forced) else None)
+        for b, request in enumerate(requests):
+            if request is None:
+                continue
+            kept = int(np.sum(out.token[:, b] != UNKEPT))
+            if drafts[b]:
+                self.speculator.record(request, len(drafts[b]), kept - 1)
+            self._guarded(request, lambda b=b, request=request, kept=kept: self._deliver_kept(request, out, b, kept))
+            request.position += kept
+        return True
+
+    def _deliver_kept(self, request: Request, out: StepTokens, col: int, kept: int) -> None:
+        for step in range(kept):
+            if request.finished or request.cancelled:
+                return
+            if request.constraint is not None:
+                request.constraint.take(int(out.token[step, col]))
+            self._take(request, out, step, col)
 
     def _deliver(self, request: Request, out: StepTokens, col: int, failure: tuple[int, Exception] | None) -> None:
         """Deliver the request's tokens of a decode block, up to the step its grammar failed at, if it did."""
@@ -341,6 +383,7 @@ class Scheduler:
             (int(i), float(p)) for i, p in zip(out.top_ids[step, col, :n], out.top_logprob[step, col, :n],
                                                strict=True)))
         self.generated_tokens += 1
+        request.output.append(token)
         event = request.events.push(token, logprobs, complete=complete)
         with self._emitting:
             if request.cancelled:  # cancelled while this step ran: nothing more reaches it

@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (/metrics): requests running and waiting, tokens (prompt tokens computed and
-taken from the prefix cache), how requests ended, time to first token and between tokens."""
+taken from the prefix cache), how requests ended, time to first token and between tokens, and with speculative
+decoding the tokens drafted and accepted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from qwen3moe_jax.runtime.generation import Event
 from qwen3moe_jax.runtime.scheduler import Emit, Scheduler
@@ -34,6 +36,8 @@ class Metrics:
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
         self.itl = Histogram("qwen3moe_inter_token_latency_seconds", "Between a request's consecutive tokens",
                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=self.registry)
+        if scheduler.speculator is not None:
+            self.registry.register(SpeculationCollector(scheduler))
 
     def watch(self, job: Job) -> Emit:
         """The emitter of job's request: passes its events on and records them."""
@@ -60,3 +64,18 @@ class Metrics:
             job.put(item)
 
         return emit
+
+
+class SpeculationCollector:
+    """The speculator's counts, read at each scrape: tokens drafted, drafted tokens accepted, and their ratio."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.speculator = scheduler.speculator
+
+    def collect(self) -> Any:
+        drafted, accepted = self.speculator.drafted_tokens, self.speculator.accepted_tokens
+        yield CounterMetricFamily("qwen3moe_speculative_draft_tokens", "Tokens drafted and verified", value=drafted)
+        yield CounterMetricFamily("qwen3moe_speculative_accepted_tokens", "Drafted tokens the target model kept",
+                                  value=accepted)
+        yield GaugeMetricFamily("qwen3moe_speculative_acceptance_rate", "Accepted over drafted tokens, since start "
+                                "(0 before any draft)", value=accepted / drafted if drafted else 0.0)

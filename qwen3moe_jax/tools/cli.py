@@ -21,6 +21,7 @@ from qwen3moe_jax.model.moe import MOE_KERNELS
 from qwen3moe_jax.runtime import compile_cache
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK
 from qwen3moe_jax.runtime.sampling import SamplingParams
+from qwen3moe_jax.runtime.speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM
 from qwen3moe_jax.tools import aot, bench
 from qwen3moe_jax.tools.aot import AOT_DTYPES, TARGETS
 
@@ -42,6 +43,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps per device call (default: %(default)s)")
     p.add_argument("--layers", type=int, help="with --preset: keep only its first N layers (a smaller model of the "
                                               "same layer shape)")
+    p.add_argument("--speculative", choices=("ngram",), default=None,
+                   help="speculative decoding: ngram drafts by prompt lookup, verified with the same tokens as without "
+                        "(default: off)")
+    p.add_argument("--draft-tokens", type=_at_least(1), default=DEFAULT_DRAFT_TOKENS,
+                   help="with --speculative: the most tokens drafted per step (default: %(default)s)")
+    p.add_argument("--ngram", type=_at_least(1), default=DEFAULT_NGRAM,
+                   help="with --speculative ngram: the longest n-gram looked up (default: %(default)s)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model: a checkpoint (GGUF or Hugging Face directory, e.g. "
+                        "a dense Qwen3) of the same tokenizer, drafting --draft-tokens tokens per step greedily")
     p.add_argument("--mesh", default="", help="shard over a device mesh, e.g. 'expert=8' or 'data=2,expert=2,"
                                             "tensor=2' (default: one device)")
     multi = p.add_argument_group("multi-host (all three, or the environment variables in brackets)")
@@ -132,7 +143,9 @@ def build_model(args: argparse.Namespace) -> Model:
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
     engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
-                       decode_steps=args.decode_steps, prefix_cache=not getattr(args, "no_prefix_cache", False))
+                       decode_steps=args.decode_steps, prefix_cache=not getattr(args, "no_prefix_cache", False),
+                       speculative=args.speculative, draft_tokens=args.draft_tokens, ngram=args.ngram,
+                       draft_model=args.draft_model)
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
                      **engine_args, moe_kernel=args.moe_kernel)

@@ -3,8 +3,9 @@
 A baseline holds, per prompt, its token ids, the greedy continuation of N tokens one implementation
 produced (EOS ignored), and that implementation's float32 logits along its own greedy path: the N rows
 [N, vocab] that chose each greedy token. It comes from us, from Hugging Face transformers'
-Qwen3MoeForCausalLM or from llama.cpp, can be saved and loaded back, and `check_against_baseline` measures
-a model against it. torch/transformers and llama-cpp-python are imported only when asked for.
+Qwen3MoeForCausalLM (Qwen3ForCausalLM for a dense Qwen3) or from llama.cpp, can be saved and loaded back, and
+`check_against_baseline` measures a model against it. torch/transformers and llama-cpp-python are imported only
+when asked for.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def require_transformers() -> None:
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits [len(ids), vocab] of a transformers Qwen3MoeForCausalLM."""
+    """Logits [len(ids), vocab] of a transformers Qwen3MoeForCausalLM (or dense Qwen3ForCausalLM)."""
     import torch
 
     with torch.no_grad():
@@ -69,9 +70,10 @@ def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
 
 
 def transformers_model(model: Model, device: str = "cpu"):
-    """A transformers Qwen3MoeForCausalLM (eval mode) holding `model`'s weights in its dtype, built in memory:
-    each param is mapped to its published HF names (io.hf.hf_tensors) and transformers fuses the experts into
-    its own layout as it does when loading a checkpoint. Built on the CPU, then moved to `device`."""
+    """A transformers Qwen3MoeForCausalLM (Qwen3ForCausalLM without experts), eval mode, holding `model`'s weights
+    in its dtype, built in memory: each param is mapped to its published HF names (io.hf.hf_tensors) and
+    transformers fuses the experts into its own layout as it does when loading a checkpoint. Built on the CPU, then
+    moved to `device`."""
     require_transformers()
     import torch
     import transformers
@@ -80,9 +82,12 @@ def transformers_model(model: Model, device: str = "cpu"):
     for name, leaf in named_leaves(model.params).items():  # one param on the host at a time, beside the state
         for hf_name, array in hf_tensors(name, np.asarray(leaf), model.config):
             state[hf_name] = _torch_tensor(array)
-    config = transformers.Qwen3MoeConfig.from_dict(model.config.to_hf_dict())
+    dense = not model.config.num_experts  # a dense Qwen3 (a draft model)
+    config_class = transformers.Qwen3Config if dense else transformers.Qwen3MoeConfig
+    model_class = transformers.Qwen3ForCausalLM if dense else transformers.Qwen3MoeForCausalLM
+    config = config_class.from_dict(model.config.to_hf_dict())
     dtype = getattr(torch, model.params.embed.dtype.name)
-    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    hf = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return hf.to(device).eval()
 
 
@@ -253,7 +258,8 @@ def _transformers_baseline(path, prompts, new_tokens, dtype, progress):
         raise CheckpointError(f"transformers needs a Hugging Face checkpoint directory; {path} is not one")
     tokenizer = read_hf_tokenizer(path)
     _require_tokenizer(path, tokenizer, prompts)
-    model = transformers.Qwen3MoeForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    # Qwen3MoeForCausalLM, or Qwen3ForCausalLM for a dense Qwen3, as the config says
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
     records = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
