@@ -10,6 +10,8 @@ Attention and the dense MLP are here; the MoE block is moe.py, every projection 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -30,13 +32,34 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight * xf.astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig) -> tuple[Array, float]:
+    """The rotary inverse frequencies [head_dim / 2] (float32) and the factor cos and sin are multiplied by, computed
+    as transformers computes them (float32 powers of rope_theta; YaRN as in its `_compute_yarn_parameters`)."""
+    d = config.head_dim
+    powers = config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    yarn = config.rope_scaling
+    if yarn is None:
+        return 1.0 / powers, 1.0
+
+    def dimension(rotations: float) -> float:  # the frequency that turns `rotations` times over the original context
+        return d * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(
+            config.rope_theta))
+
+    low, high = max(math.floor(dimension(yarn.beta_fast)), 0), min(math.ceil(dimension(yarn.beta_slow)), d - 1)
+    # 1 where a frequency is kept (fast: many turns over the original context), 0 where divided by the factor.
+    kept = 1 - jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low if high != low else 0.001), 0, 1)
+    return 1.0 / (yarn.factor * powers) * (1 - kept) + 1.0 / powers * kept, yarn.scale
+
+
+def rotary(x: Array, positions: Array, config: ModelConfig) -> Array:
     """Rotary embedding in the rotate-half (NEOX) form. x: [B, T, heads, D]; positions: [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq, scale = rope_frequencies(config)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:  # YaRN's attention factor, on both q and k as transformers applies it
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -63,8 +86,8 @@ def attention(
     q = rms_norm(einsum("bte,ehd->bthd", x, p.q), p.q_norm, eps)
     k = rms_norm(einsum("bte,ehd->bthd", x, p.k), p.k_norm, eps)
     v = einsum("bte,ehd->bthd", x, p.v)
-    q = rotary(q, positions, config.rope_theta)
-    k = rotary(k, positions, config.rope_theta)
+    q = rotary(q, positions, config)
+    k = rotary(k, positions, config)
 
     start = positions[:, 0]
     # On a mesh the cache keeps its input sharding, so the donated buffer is reused step after step.
