@@ -17,6 +17,7 @@ from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
 from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.hf import write_hf
 from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.model.cache import check_kv_dtype
 from qwen3moe_jax.model.config import ModelConfig, preset
 from qwen3moe_jax.model.moe import check_moe_kernel
 from qwen3moe_jax.model.params import Params, init_params
@@ -45,7 +46,7 @@ class Model:
     def __init__(
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        decode_steps: int = DEFAULT_DECODE_STEPS,
+        decode_steps: int = DEFAULT_DECODE_STEPS, kv_dtype: str = "model",
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
@@ -53,7 +54,8 @@ class Model:
         self.mesh = mesh
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-        self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps)
+        self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps,
+                             kv_dtype=kv_dtype)
         self.scheduler = Scheduler(self.engine)
         self._grammars: Grammars | None = None
 
@@ -72,7 +74,7 @@ class Model:
                 raise Qwen3MoeError("max_batch cannot change while requests run")
             e = self.engine
             self.engine = Engine(self.params, self.config, e.max_seq_len, max_batch, self.mesh, e.chunk_size,
-                                 e.decode_steps)
+                                 e.decode_steps, kv_dtype=e.kv_dtype)
             self.scheduler = Scheduler(self.engine)
 
     def _require_tokenizer(self) -> Tokenizer:
@@ -243,6 +245,7 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str = "auto",
+    kv_dtype: str = "model",
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`) or a Hugging Face directory
     (config.json + *.safetensors); with no path, the bundled small model (BUNDLED_MODEL).
@@ -264,12 +267,15 @@ def load(
     decode_steps: decode steps per device call (tokens still reach the caller one by one; a stop wastes at
     most decode_steps - 1 steps of compute).
     moe_kernel: how the MoE blocks run, one of model.moe.MOE_KERNELS; "auto" reads only the chosen experts'
-    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py."""
+    weights at decode and runs prefill in whole blocks per expert (ragged_dot on TPU), see model/moe.py.
+    kv_dtype: the KV cache's, one of model.cache.KV_DTYPES: "model" (the compute dtype) or "int8" (int8 keys and
+    values with a float16 scale per token and head: half the bytes of bfloat16; see model/cache.py)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
+    check_kv_dtype(kv_dtype)
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, kv_dtype)
 
 
 def save_gguf(model: Model, path: str | Path, qtype: str = "F32", with_tokenizer: bool = True) -> None:
@@ -297,11 +303,12 @@ def random_model(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     moe_kernel: str | None = None,
+    kv_dtype: str = "model",
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
-    max_batch, prefill_chunk, decode_steps and moe_kernel as for `load` ("int8" and "int4" included; moe_kernel
-    None: the config's)."""
+    max_batch, prefill_chunk, decode_steps, moe_kernel and kv_dtype as for `load` ("int8" and "int4" included;
+    moe_kernel None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _resolve_dtype(dtype)
@@ -311,4 +318,5 @@ def random_model(
     params = init_params(config, seed, dtype, std, mesh)
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
-    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps)
+    return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps,
+                 check_kv_dtype(kv_dtype))

@@ -30,7 +30,7 @@ from jax.experimental import io_callback
 
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import backend, cpu_kernels
-from qwen3moe_jax.model.cache import KVCache
+from qwen3moe_jax.model.cache import KVCache, check_kv_dtype
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.quant import QuantizedWeight
@@ -220,7 +220,7 @@ class Engine:
 
     def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, kv_dtype: str = "model"):
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise Qwen3MoeError(f"prefill_chunk must be a power of two >= 1, got {prefill_chunk}")
         if decode_steps < 1:
@@ -236,6 +236,7 @@ class Engine:
         self.mesh = mesh  # a jax.sharding.Mesh the params are sharded over (sharding.py), or None
         self.chunk_size = min(prefill_chunk, bucket_length(max_seq_len, 1 << 30))
         self.decode_steps = decode_steps
+        self.kv_dtype = check_kv_dtype(kv_dtype)  # cache.KV_DTYPES: the model's dtype, or int8 with scales
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
         self._constants: dict[tuple, jax.Array] = {}
@@ -276,9 +277,10 @@ class Engine:
         if self._slots is None:
             B, S = self.batch_size, self.max_seq_len
             if self.device is not None:
-                cache = self._put(jax.eval_shape(lambda: KVCache.init(self.config, B, S, self.dtype)))
+                cache = self._put(jax.eval_shape(lambda: KVCache.init(self.config, B, S, self.dtype,
+                                                                       kv_dtype=self.kv_dtype)))
             else:
-                cache = KVCache.init(self.config, B, S, self.dtype, self.mesh)
+                cache = KVCache.init(self.config, B, S, self.dtype, self.mesh, self.kv_dtype)
             self._slots = Slots(cache, *self._put((np.zeros((B, S), np.int32), np.zeros(B, np.int32))))
         return self._slots
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
+from qwen3moe_jax.model.cache import KV_DTYPES
 from qwen3moe_jax.model.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.model.moe import MOE_KERNELS
 from qwen3moe_jax.runtime import compile_cache
@@ -35,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how the MoE blocks run (qwen3moe_jax/model/moe.py); auto: only the chosen experts' weights "
                         "at decode, whole blocks per expert at prefill, ragged_dot on TPU (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="model",
+                   help="the KV cache's: model (the compute dtype) or int8 (a float16 scale per token and head, half "
+                        "the bytes of bfloat16) (default: %(default)s)")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prefill prompts in chunks of this many tokens, a power of two (default: %(default)s)")
@@ -132,7 +136,7 @@ def build_model(args: argparse.Namespace) -> Model:
     if args.layers is not None and not args.preset:
         raise ConfigError("--layers applies to --preset only")
     engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
-                       decode_steps=args.decode_steps)
+                       decode_steps=args.decode_steps, kv_dtype=args.kv_dtype)
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
                      **engine_args, moe_kernel=args.moe_kernel)
@@ -259,9 +263,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qwen3moe_jax.model.sharding import parse_mesh
     from qwen3moe_jax.tools.plan import format_plans, plan
 
-    rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch))
+    rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch, kv_dtype))
             for name in args.preset or ["qwen3-30b-a3b", "qwen3-235b-a22b"]
             for dtype in args.dtype or ["bfloat16", "int8", "int4"]
+            for kv_dtype in args.kv_dtype or KV_DTYPES
             for mesh in args.mesh or ["expert=1", "expert=2", "expert=4", "expert=8", "expert=2,tensor=4"]]
     print(format_plans(rows, args.device_memory_gb))
     return 0
@@ -367,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="e.g. expert=8; repeatable (default: expert=1, 2, 4, 8 and expert=2,tensor=4)")
     pln.add_argument("--dtype", action="append", choices=("bfloat16", "float32", "int8", "int4"),
                      help="repeatable (default: bfloat16, int8 and int4)")
+    pln.add_argument("--kv-dtype", action="append", choices=KV_DTYPES,
+                     help="the KV cache's, repeatable (default: both, model (the compute dtype) and int8)")
     pln.add_argument("--context", type=int, default=32768, help="KV cache length per row")
     pln.add_argument("--batch", type=int, default=1, help="KV cache rows")
     pln.add_argument("--device-memory-gb", type=float, default=80.0,
