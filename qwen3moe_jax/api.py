@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
 from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.hf import write_hf
 from qwen3moe_jax.io.tokenizer import Tokenizer
-from qwen3moe_jax.model.cache import check_kv_dtype
+from qwen3moe_jax.model.cache import check_cache_fits, check_kv_dtype
 from qwen3moe_jax.model.config import ModelConfig, preset
 from qwen3moe_jax.model.moe import check_moe_kernel
 from qwen3moe_jax.model.params import Params, init_params
@@ -29,6 +30,9 @@ from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestE
 from qwen3moe_jax.runtime.sampling import SamplingParams
 from qwen3moe_jax.runtime.scheduler import Request, Scheduler
 
+log = logging.getLogger(__name__)
+# The cache length when none is given, for a model of more positions: 4,096 tokens of the 30B-A3B shape take 0.4 GB
+# per row in bfloat16. A 262,144-token model is loaded for long contexts with max_seq_len (and kv_dtype="int8").
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "qwen3-moe-pystdlib-Q8_0.gguf"
@@ -54,6 +58,7 @@ class Model:
         self.mesh = mesh
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        check_max_seq_len(config, params, max_seq_len, max_batch, kv_dtype, mesh)
         self.engine = Engine(params, config, max_seq_len, max_batch, mesh, prefill_chunk, decode_steps,
                              kv_dtype=kv_dtype)
         self.scheduler = Scheduler(self.engine)
@@ -220,6 +225,22 @@ class Model:
         if self.tokenizer is not None and (im_end := self.tokenizer.token_id("<|im_end|>")) is not None:
             stops.add(im_end)
         return sorted(stops)
+
+
+def check_max_seq_len(config: ModelConfig, params: Params, max_seq_len: Any, max_batch: int, kv_dtype: str,
+                      mesh: Mesh | None) -> None:
+    """A cache length that is a positive integer and, on a device that reports its memory (GPUs, TPUs), one whose
+    cache fits beside the weights (the error says how many tokens per row do); past the positions the model was
+    trained for (max_position_embeddings), a warning, as llama.cpp gives."""
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be a positive integer, got {max_seq_len!r}", "max_seq_len")
+    if max_seq_len > config.max_position_embeddings:
+        log.warning("max_seq_len %d is past the %d positions this model was trained for (max_position_embeddings): "
+                    "positions beyond them may give poor text", max_seq_len, config.max_position_embeddings)
+    stats = params.embed.devices().pop().memory_stats() if mesh is None and hasattr(params.embed, "devices") else None
+    if stats and "bytes_limit" in stats:  # the weights are on the device already: what is left is the cache's
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        check_cache_fits(config, max_batch, max_seq_len, params.embed.dtype, kv_dtype, free)
 
 
 def _with_overrides(sampling: SamplingParams, overrides: dict[str, Any]) -> SamplingParams:

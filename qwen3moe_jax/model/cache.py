@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.errors import ConfigError, ContextLengthError
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.sharding import zeros
 
@@ -94,3 +94,31 @@ def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = jnp.minimum(jnp.max(jnp.abs(xf), axis=-1) / 127, jnp.finfo(SCALE_DTYPE).max).astype(SCALE_DTYPE)
     divisor = jnp.where(scale == 0, 1, scale.astype(jnp.float32))[..., None]  # a zero vector stays zero
     return jnp.clip(jnp.round(xf / divisor), -127, 127).astype(jnp.int8), scale
+
+
+def bytes_per_token(config: ModelConfig, dtype: Any, kv_dtype: str = "model") -> int:
+    """Cache bytes of one token in one row, every layer's keys and values (with their scales for int8)."""
+    per_vector = config.head_dim + SCALE_DTYPE.dtype.itemsize if kv_dtype == "int8" else \
+        config.head_dim * jnp.dtype(dtype).itemsize
+    return 2 * config.num_layers * config.num_kv_heads * per_vector
+
+
+def check_cache_fits(config: ModelConfig, batch: int, max_len: int, dtype: Any, kv_dtype: str,
+                     free_bytes: float) -> None:
+    """A ContextLengthError saying what fits when a cache of batch x max_len tokens needs more than 90% of
+    free_bytes (what the device has left after the weights; the rest is for activations and XLA's buffers)."""
+    room = 0.9 * free_bytes
+
+    def longest(kv: str) -> int:  # tokens per row that fit, in whole attention blocks of 256
+        return int(room // (bytes_per_token(config, dtype, kv) * batch)) // 256 * 256
+
+    per_token = bytes_per_token(config, dtype, kv_dtype)
+    if per_token * batch * max_len <= room:
+        return
+    held = jnp.dtype(dtype).name if kv_dtype == "model" else kv_dtype
+    cheaper = "" if kv_dtype == "int8" else f" ({longest('int8')} with kv_dtype int8)"
+    raise ContextLengthError(
+        f"a KV cache of {batch} rows x {max_len} tokens ({held}, {per_token / 1e3:.1f} KB a token) needs "
+        f"{per_token * batch * max_len / 1e9:.1f} GB, but the device has {free_bytes / 1e9:.1f} GB free after the "
+        f"weights (90% of it for the cache): at most {longest(kv_dtype)} tokens per row fit at {batch} rows{cheaper}; "
+        "lower max_seq_len or max_batch")

@@ -418,7 +418,7 @@ class Engine:
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({wanted}) = {prompt_len + wanted} exceeds "
                 f"the KV cache length {self.max_seq_len}; shorten the prompt, lower max_new_tokens, or load "
-                "with a larger max_seq_len"
+                f"with a larger max_seq_len (the model has {self.config.max_position_embeddings} positions)"
             )
         if logprobs is not None and logprobs > LOGPROBS_MAX:
             raise SamplingError(f"logprobs takes at most {LOGPROBS_MAX} alternatives, got {logprobs}")

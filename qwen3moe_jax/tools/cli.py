@@ -282,7 +282,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     gpu = aot.target(args.target)
     batches = args.batch or [1]
     for batch in batches:  # refused before minutes of compiling: the weights and the cache alone do not fit
-        need = plan(config, {}, args.dtype, args.context, batch)
+        need = plan(config, {}, args.dtype, args.context, batch, args.kv_dtype)
         if need.per_device > gpu.memory_bytes:
             print(f"error: {args.dtype} params ({need.params_per_device / 1e9:.1f} GB) and a KV cache of {batch} x "
                   f"{args.context} tokens ({need.cache_per_device / 1e9:.1f} GB) exceed the {gpu.description}'s "
@@ -290,13 +290,16 @@ def cmd_aot(args: argparse.Namespace) -> int:
                   "int8/int4", file=sys.stderr)
             return 1
     programs = aot.compile_programs(config, args.dtype, batches, args.context, gpu, args.prefill_chunk,
-                                    args.decode_steps, args.warmup_tokens, args.largest, progress=_status)
-    estimates = {batch: aot.decode_estimate(config, args.dtype, batch, args.context, gpu) for batch in batches}
+                                    args.decode_steps, args.warmup_tokens, args.largest, progress=_status,
+                                    kv_dtype=args.kv_dtype)
+    estimates = {batch: aot.decode_estimate(config, args.dtype, batch, args.context, gpu, args.kv_dtype)
+                 for batch in batches}
     print(aot.format_report(programs, gpu, estimates))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "target": args.target, "device": gpu.description, "device_bytes": gpu.memory_bytes,
-            "preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "context": args.context,
+            "preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "kv_dtype": args.kv_dtype,
+            "context": args.context,
             "prefill_chunk": args.prefill_chunk, "decode_steps": args.decode_steps,
             "programs": [dataclasses.asdict(p) | {"peak_bytes": p.peak_bytes} for p in programs],
             "decode_estimate": {str(b): e for b, e in estimates.items()}}, indent=1) + "\n")
@@ -391,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ahead.add_argument("--warmup-tokens", type=_at_least(1), default=None,
                      help="prompts the server compiles for at start (default: the whole context)")
     ahead.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto")
+    ahead.add_argument("--kv-dtype", choices=KV_DTYPES, default="model", help="the KV cache's (default: %(default)s)")
     ahead.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     ahead.add_argument("--decode-steps", type=_at_least(1), default=DEFAULT_DECODE_STEPS)
     ahead.add_argument("--layers", type=int, help="compile a cut of the preset, its first N layers (quicker; the "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.model.cache import KVCache, quantize_kv
+from qwen3moe_jax.model.cache import KVCache, bytes_per_token, check_cache_fits, quantize_kv
 from qwen3moe_jax.model.transformer import forward, lm_logits
 
 # Varied prompts: code of several kinds, prose, a chat turn, numbers, whitespace.
@@ -110,3 +110,23 @@ def test_int8_cache_decode_equals_its_one_pass_logits(bundled):
 def test_a_bad_kv_dtype_is_a_config_error():
     with pytest.raises(qj.ConfigError, match="kv_dtype must be one of model, int8"):
         qj.load(progress=False, kv_dtype="fp8")
+
+
+def test_a_cache_that_does_not_fit_says_what_does():
+    """At the 30B-A3B shape, 98 KB a token in bfloat16 (50 KB in int8): 8 rows of 262,144 tokens need 206 GB; with
+    80 GB free after the weights, the error gives the longest cache that fits, and the int8 one."""
+    config = qj.preset("qwen3-coder-30b-a3b")
+    assert bytes_per_token(config, jnp.bfloat16) == 98304 and bytes_per_token(config, jnp.bfloat16, "int8") == 49920
+    check_cache_fits(config, 8, 65536, jnp.bfloat16, "model", 80e9)  # 51.5 GB: fits
+    with pytest.raises(qj.ContextLengthError, match=r"8 rows x 262144 tokens \(bfloat16, 98.3 KB a token\) needs "
+                                                    r"206.2 GB.* at most 91392 tokens per row fit at 8 rows "
+                                                    r"\(180224 with kv_dtype int8\)"):
+        check_cache_fits(config, 8, 262144, jnp.bfloat16, "model", 80e9)
+
+
+def test_max_seq_len_is_checked(caplog):
+    with pytest.raises(qj.ConfigError, match="max_seq_len must be a positive integer"):
+        qj.random_model("tiny", max_seq_len=0)
+    with caplog.at_level("WARNING"):
+        qj.random_model("tiny", max_seq_len=2048)  # tiny has 1,024 positions
+    assert "past the 1024 positions this model was trained for" in caplog.text
