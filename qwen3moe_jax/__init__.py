@@ -10,7 +10,7 @@ from qwen3moe_jax.errors import (
     SamplingError,
 )
 from qwen3moe_jax.model.cache import KVCache
-from qwen3moe_jax.model.config import ModelConfig, preset, preset_names
+from qwen3moe_jax.model.config import ModelConfig, Yarn, preset, preset_names
 from qwen3moe_jax.model.sharding import make_mesh
 from qwen3moe_jax.runtime.sampling import SamplingParams
 
@@ -22,6 +22,7 @@ __all__ = [
     "KVCache",
     "Model",
     "ModelConfig",
+    "Yarn",
     "Qwen3MoeError",
     "SamplingError",
     "SamplingParams",

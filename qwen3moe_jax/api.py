@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
 from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.hf import write_hf
 from qwen3moe_jax.io.tokenizer import Tokenizer
+from qwen3moe_jax.model.cache import check_cache_fits, check_kv_dtype
 from qwen3moe_jax.model.config import ModelConfig, preset
 from qwen3moe_jax.model.moe import check_moe_kernel
 from qwen3moe_jax.model.params import Params, init_params
@@ -37,6 +39,9 @@ from qwen3moe_jax.runtime.speculative import (
     Speculator,
 )
 
+log = logging.getLogger(__name__)
+# The cache length when none is given, for a model of more positions: 4,096 tokens of the 30B-A3B shape take 0.4 GB
+# per row in bfloat16. A 262,144-token model is loaded for long contexts with max_seq_len (and kv_dtype="int8").
 DEFAULT_MAX_SEQ_LEN = 4096
 # The small model this project trained itself (scripts/train_small.py), loaded when no path is given.
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "qwen3-moe-pystdlib-Q8_0.gguf"
@@ -56,7 +61,7 @@ class Model:
         self, config: ModelConfig, params: Params, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
         mesh: Mesh | None = None, max_batch: int = 1, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         decode_steps: int = DEFAULT_DECODE_STEPS, prefix_cache: bool = True,
-        speculative: SpeculativeConfig | None = None, draft: Model | None = None,
+        speculative: SpeculativeConfig | None = None, draft: Model | None = None, kv_dtype: str = "model",
     ):
         self.config = config
         self.params = params  # the params pytree (model.Params); sharded over `mesh` when there is one
@@ -71,17 +76,19 @@ class Model:
         self.prefix_cache = prefix_cache
         if max_seq_len is None:
             max_seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        check_max_seq_len(config, params, max_seq_len, max_batch, kv_dtype, mesh)
+        self.kv_dtype = kv_dtype
         self._build_engine(max_seq_len, max_batch, prefill_chunk, decode_steps)
         self._grammars: Grammars | None = None
 
     def _build_engine(self, max_seq_len: int, max_batch: int, prefill_chunk: int, decode_steps: int) -> None:
         args = (self.params, self.config, max_seq_len, max_batch, self.mesh, prefill_chunk, decode_steps)
         if self.speculative is None:
-            self.engine = Engine(*args)
+            self.engine = Engine(*args, kv_dtype=self.kv_dtype)
             self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache)
         else:
             k = self.speculative.draft_tokens
-            self.engine = SpeculativeEngine(*args, draft_tokens=k)
+            self.engine = SpeculativeEngine(*args, draft_tokens=k, kv_dtype=self.kv_dtype)
             drafter = None if self.draft is None else ModelDrafter(DraftEngine(
                 self.draft.params, self.draft.config, max_seq_len, max_batch, self.mesh, prefill_chunk), k)
             self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache,
@@ -248,6 +255,22 @@ class Model:
         return sorted(stops)
 
 
+def check_max_seq_len(config: ModelConfig, params: Params, max_seq_len: Any, max_batch: int, kv_dtype: str,
+                      mesh: Mesh | None) -> None:
+    """A cache length that is a positive integer and, on a device that reports its memory (GPUs, TPUs), one whose
+    cache fits beside the weights (the error says how many tokens per row do); past the positions the model was
+    trained for (max_position_embeddings), a warning, as llama.cpp gives."""
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be a positive integer, got {max_seq_len!r}", "max_seq_len")
+    if max_seq_len > config.max_position_embeddings:
+        log.warning("max_seq_len %d is past the %d positions this model was trained for (max_position_embeddings): "
+                    "positions beyond them may give poor text", max_seq_len, config.max_position_embeddings)
+    stats = params.embed.devices().pop().memory_stats() if mesh is None and hasattr(params.embed, "devices") else None
+    if stats and "bytes_limit" in stats:  # the weights are on the device already: what is left is the cache's
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        check_cache_fits(config, max_batch, max_seq_len, params.embed.dtype, kv_dtype, free)
+
+
 def _with_overrides(sampling: SamplingParams, overrides: dict[str, Any]) -> SamplingParams:
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SamplingParams)})
     if unknown:
@@ -276,6 +299,7 @@ def load(
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ngram: int = DEFAULT_NGRAM,
     draft_model: str | Path | Model | None = None,
+    kv_dtype: str = "model",
 ) -> Model:
     """Load a checkpoint into a Model: a GGUF file (llama.cpp `qwen3moe`, or dense `qwen3`) or a Hugging Face
     directory (config.json + *.safetensors of a Qwen3-MoE or a dense Qwen3); with no path, the bundled small model
@@ -306,15 +330,18 @@ def load(
     tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off.
     draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
     tokens per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
-    "draft_model" (or None)."""
+    "draft_model" (or None).
+    kv_dtype: the KV cache's, one of model.cache.KV_DTYPES: "model" (the compute dtype) or "int8" (int8 keys and
+    values with a float16 scale per token and head: half the bytes of bfloat16; see model/cache.py)."""
     path = Path(BUNDLED_MODEL if path is None else path)
     dtype = _resolve_dtype(dtype)
     check_moe_kernel(moe_kernel, dtype)  # a bad name fails before the read
+    check_kv_dtype(kv_dtype)
     spec = _speculative(speculative, draft_tokens, ngram, draft_model)
     draft = _draft(draft_model, dtype, progress, mesh)
     config, params, tokenizer = read_checkpoint(path, dtype, progress, mesh, moe_kernel)
     return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache,
-                 spec, draft)
+                 spec, draft, kv_dtype)
 
 
 def _speculative(method: str | None, draft_tokens: int, ngram: int,
@@ -368,11 +395,12 @@ def random_model(
     draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ngram: int = DEFAULT_NGRAM,
     draft_model: str | Path | Model | None = None,
+    kv_dtype: str = "model",
 ) -> Model:
     """A Model with random weights from a preset name or a config, with a byte-level tokenizer
     when the vocabulary fits one (256 bytes + Qwen specials); sharded over `mesh` when one is given. dtype,
-    max_batch, prefill_chunk, decode_steps, moe_kernel, prefix_cache and speculation as for `load` ("int8" and "int4"
-    included; moe_kernel None: the config's)."""
+    max_batch, prefill_chunk, decode_steps, moe_kernel, prefix_cache, speculation and kv_dtype as for `load` ("int8"
+    and "int4" included; moe_kernel None: the config's)."""
     if isinstance(config, str):
         config = preset(config)
     dtype = _resolve_dtype(dtype)
@@ -383,4 +411,5 @@ def random_model(
     byte_tokenizer = Tokenizer.byte_level()
     tokenizer = byte_tokenizer if byte_tokenizer.vocab_size == config.vocab_size else None
     return Model(config, params, tokenizer, max_seq_len, mesh, max_batch, prefill_chunk, decode_steps, prefix_cache,
-                 _speculative(speculative, draft_tokens, ngram, draft_model), _draft(draft_model, dtype, False, mesh))
+                 _speculative(speculative, draft_tokens, ngram, draft_model), _draft(draft_model, dtype, False, mesh),
+                 check_kv_dtype(kv_dtype))

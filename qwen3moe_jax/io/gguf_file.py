@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 from qwen3moe_jax.errors import CheckpointError, ConfigError
 from qwen3moe_jax.io.materialize import check_layers
 from qwen3moe_jax.io.tokenizer import GGUFVocab, Tokenizer
-from qwen3moe_jax.model.config import ModelConfig
+from qwen3moe_jax.model.config import ModelConfig, Yarn
 from qwen3moe_jax.model.params import named_leaves, param_specs
 from qwen3moe_jax.model.quant import GROUP, QuantizedWeight, int4_from_gguf_blocks
 
@@ -377,12 +377,48 @@ def read_gguf_config(tensors: GGUFTensors) -> ModelConfig:
             rope_theta=float(key("rope.freq_base", 10000.0, "a number")),
             tie_word_embeddings="output.weight" not in tensors.tensors,
             max_position_embeddings=key("context_length"),
+            rope_scaling=read_gguf_rope_scaling(tensors),
             bos_token_id=tensors.field("tokenizer.ggml.bos_token_id", kind="an integer"),
             eos_token_ids=() if eos is None else (eos,),
         )
     except ConfigError as err:
         where = f" (metadata {CONFIG_KEYS[err.field].format(arch=arch)})" if err.field in CONFIG_KEYS else ""
         raise ConfigError(f"{tensors.path}: {err}{where}", err.field) from None
+
+
+# llama.cpp's rope.scaling.* keys (gguf.Keys.Rope) that would change the rotary if set, with their neutral values.
+_ROPE_NEUTRAL = {"yarn_ext_factor": 1.0, "yarn_log_multiplier": 0.0}
+
+
+def read_gguf_rope_scaling(tensors: GGUFTensors) -> Yarn | None:
+    """The rope scaling of llama.cpp's `rope.scaling.*` keys: None without a type (or "none"), a Yarn for "yarn"
+    (attention_factor = the file's attn_factor times YaRN's own, as llama.cpp's rope multiplies them), and a
+    ConfigError naming any other type or a key this model would run differently."""
+    def key(name: str, default: Any = None, kind: str = "a number") -> Any:
+        return tensors.field(f"{ARCH}.rope.scaling.{name}", default, kind)
+
+    rope_type = key("type", "none", "a string")
+    if rope_type == "none":
+        return None
+    if rope_type != "yarn":
+        raise ConfigError(f"{tensors.path}: {ARCH}.rope.scaling.type {rope_type!r} is not supported; only yarn is",
+                          "rope_type")
+    for name, neutral in _ROPE_NEUTRAL.items():
+        if key(name, neutral) != neutral:
+            raise ConfigError(f"{tensors.path}: {ARCH}.rope.scaling.{name} = {key(name)} is not supported "
+                              f"(only {neutral})", name)
+    original = key("original_context_length", kind="an integer")
+    if original is None or key("factor") is None:
+        raise ConfigError(f"{tensors.path}: yarn rope scaling needs {ARCH}.rope.scaling.factor and "
+                          "original_context_length", "rope_scaling")
+    try:
+        yarn = Yarn(float(key("factor")), original, float(key("yarn_beta_fast", 32.0)),
+                    float(key("yarn_beta_slow", 1.0)))
+        if (attn_factor := key("attn_factor")) is None:
+            return yarn
+        return Yarn(yarn.factor, original, yarn.beta_fast, yarn.beta_slow, float(attn_factor) * yarn.mscale)
+    except ConfigError as err:
+        raise ConfigError(f"{tensors.path}: {ARCH}.rope.scaling: {err}", err.field) from None
 
 
 def check_gguf_tensors(tensors: GGUFTensors, config: ModelConfig) -> None:

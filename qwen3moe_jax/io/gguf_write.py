@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, quants
+from gguf import GGUFWriter, RopeScalingType, quants
 
 from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.io.gguf_file import ARCH, DENSE_ARCH, Q, gguf_name, to_gguf_layout
@@ -59,6 +59,16 @@ def write_gguf(
     writer.add_value_length(c.head_dim)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_theta)
+    if c.rope_scaling is not None:  # llama.cpp's keys; read back by gguf_file.read_gguf_rope_scaling
+        yarn = c.rope_scaling
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(yarn.factor)
+        writer.add_rope_scaling_orig_ctx_len(yarn.original_max_position_embeddings)
+        if (yarn.beta_fast, yarn.beta_slow) != (32.0, 1.0):
+            writer.add_rope_scaling_yarn_beta_fast(yarn.beta_fast)
+            writer.add_rope_scaling_yarn_beta_slow(yarn.beta_slow)
+        if yarn.attention_factor is not None:  # llama.cpp multiplies its attn_factor by YaRN's own factor
+            writer.add_rope_scaling_attn_factors(yarn.attention_factor / yarn.mscale)
     if c.num_experts:
         writer.add_expert_feed_forward_length(c.moe_intermediate_size)
         writer.add_expert_count(c.num_experts)

@@ -22,6 +22,47 @@ MODEL_TYPES = ("qwen3_moe", "qwen3")  # Hugging Face's names of Qwen3-MoE and de
 
 
 @dataclasses.dataclass(frozen=True)
+class Yarn:
+    """YaRN rope scaling (rope_type "yarn"), with transformers' parameter names and defaults: rotary frequencies
+    above beta_fast rotations over the original context are kept, those below beta_slow divided by `factor`, a
+    linear ramp between; cos and sin are multiplied by the attention factor (None: YaRN's 0.1 ln(factor) + 1)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(f"rope scaling {name} must be a positive finite number, got {value!r}", name)
+        value = self.attention_factor
+        if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                                  or not 0 < value < math.inf):
+            raise ConfigError(f"rope scaling attention_factor must be a positive finite number, got {value!r}",
+                              "attention_factor")
+        if not _index(self.original_max_position_embeddings, None) or self.original_max_position_embeddings < 1:
+            raise ConfigError("rope scaling original_max_position_embeddings must be a positive integer, got "
+                              f"{self.original_max_position_embeddings!r}", "original_max_position_embeddings")
+
+    @property
+    def mscale(self) -> float:
+        """YaRN's own attention factor for `factor` (the paper's eq. 21; llama.cpp multiplies its attn_factor by it)."""
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+
+    @property
+    def scale(self) -> float:
+        """What cos and sin are multiplied by."""
+        return self.mscale if self.attention_factor is None else self.attention_factor
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        return {"rope_type": "yarn"} | {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and hyper-parameters of a Qwen3-MoE model. Hashable, so it can be a static jit argument."""
 
@@ -40,6 +81,7 @@ class ModelConfig:
     rope_theta: float = 1e6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
+    rope_scaling: Yarn | None = None  # None: the default rotary
     mlp_only_layers: tuple[int, ...] = ()
     decoder_sparse_step: int = 1
     bos_token_id: int | None = None
@@ -67,6 +109,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}", name)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, Yarn):
+            raise ConfigError(f"rope_scaling must be a Yarn or None, got {self.rope_scaling!r}", "rope_scaling")
         for name in ("norm_topk_prob", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
@@ -132,10 +176,8 @@ class ModelConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"rope_parameters must be an object, got {rope!r}", "rope_parameters")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope_type {rope_type!r} is not supported yet; only the default rotary is", "rope_type")
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_scaling = _yarn_from_hf(rope, hf.get("max_position_embeddings", 32768))
 
         def listed(value: Any) -> Any:  # JSON lists -> the tuples a frozen config holds
             return tuple(value) if isinstance(value, list) else value
@@ -161,6 +203,7 @@ class ModelConfig:
                 rope_theta=_real(rope_theta),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
                 max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                rope_scaling=rope_scaling,
                 mlp_only_layers=listed(hf.get("mlp_only_layers") or ()),
                 decoder_sparse_step=hf.get("decoder_sparse_step", 1),
                 bos_token_id=hf.get("bos_token_id"),
@@ -194,7 +237,8 @@ class ModelConfig:
             "num_experts_per_tok": self.num_experts_per_tok, "moe_intermediate_size": self.moe_intermediate_size,
             "intermediate_size": self.intermediate_size, "norm_topk_prob": self.norm_topk_prob,
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_parameters": (self.rope_scaling.to_hf_dict() if self.rope_scaling else {"rope_type": "default"})
+            | {"rope_theta": self.rope_theta},
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings, "mlp_only_layers": list(self.mlp_only_layers),
             "decoder_sparse_step": self.decoder_sparse_step, "bos_token_id": self.bos_token_id,
@@ -215,6 +259,48 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# YaRN's fields in a config.json's rope_parameters (transformers 5) or rope_scaling (4.x); other keys are refused,
+# so that nothing that changes the frequencies is silently ignored.
+_YARN_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}
+
+
+def _yarn_from_hf(rope: dict[str, Any], max_positions: Any) -> Yarn | None:
+    """The rope scaling of a config.json's rope fields: None for the default rotary, a Yarn as transformers'
+    `_compute_yarn_parameters` reads it; any other rope type is a ConfigError naming it."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
+        raise ConfigError(f"rope_type {rope_type!r} is not supported; only the default rotary and 'yarn' are",
+                          "rope_type")
+    if unknown := sorted(set(rope) - _YARN_KEYS):
+        raise ConfigError(f"yarn rope scaling: unsupported fields {unknown}", "rope_scaling")
+    if rope.get("truncate", True) is not True:
+        raise ConfigError("yarn rope scaling with truncate=false is not supported (llama.cpp always truncates)",
+                          "truncate")
+    original = rope.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError("yarn rope scaling needs original_max_position_embeddings",
+                          "original_max_position_embeddings")
+    factor = rope.get("factor")
+    if factor is None and _index(max_positions, None) and _index(original, None) and original:
+        factor = max_positions / original  # transformers' rule when the factor is left out
+    attention_factor = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim:  # DeepSeek's form, folded into one number
+        yarn = Yarn(_real(factor), original)  # checks the factor first
+        attention_factor = _mscale(yarn.factor, mscale) / _mscale(yarn.factor, mscale_all_dim)
+    return Yarn(_real(factor), original, _real(rope.get("beta_fast") or 32.0), _real(rope.get("beta_slow") or 1.0),
+                _real(attention_factor) if attention_factor is not None else None)
+
+
+def _mscale(factor: float, mscale: Any) -> float:
+    if not isinstance(mscale, numbers.Real) or isinstance(mscale, bool):
+        raise ConfigError(f"yarn rope scaling mscale values must be numbers, got {mscale!r}", "mscale")
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _real(value: Any) -> Any:

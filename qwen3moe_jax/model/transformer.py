@@ -10,10 +10,12 @@ Attention and the dense MLP are here; the MoE block is moe.py, every projection 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from qwen3moe_jax.model.cache import CACHE_AXES, KVCache
+from qwen3moe_jax.model.cache import CACHE_AXES, SCALE_AXES, KVCache, quantize_kv
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.matmul import einsum
 from qwen3moe_jax.model.moe import moe
@@ -30,13 +32,34 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight * xf.astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(config: ModelConfig) -> tuple[Array, float]:
+    """The rotary inverse frequencies [head_dim / 2] (float32) and the factor cos and sin are multiplied by, computed
+    as transformers computes them (float32 powers of rope_theta; YaRN as in its `_compute_yarn_parameters`)."""
+    d = config.head_dim
+    powers = config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    yarn = config.rope_scaling
+    if yarn is None:
+        return 1.0 / powers, 1.0
+
+    def dimension(rotations: float) -> float:  # the frequency that turns `rotations` times over the original context
+        return d * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(
+            config.rope_theta))
+
+    low, high = max(math.floor(dimension(yarn.beta_fast)), 0), min(math.ceil(dimension(yarn.beta_slow)), d - 1)
+    # 1 where a frequency is kept (fast: many turns over the original context), 0 where divided by the factor.
+    kept = 1 - jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low if high != low else 0.001), 0, 1)
+    return 1.0 / (yarn.factor * powers) * (1 - kept) + 1.0 / powers * kept, yarn.scale
+
+
+def rotary(x: Array, positions: Array, config: ModelConfig) -> Array:
     """Rotary embedding in the rotate-half (NEOX) form. x: [B, T, heads, D]; positions: [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq, scale = rope_frequencies(config)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:  # YaRN's attention factor, on both q and k as transformers applies it
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -45,12 +68,12 @@ def attention(
     p: AttentionParams,
     x: Array,
     positions: Array,
-    k_cache: Array,
-    v_cache: Array,
+    layer: KVCache,
     config: ModelConfig,
     window: int,
-) -> tuple[Array, Array, Array]:
-    """Causal GQA attention of x [B, T, E] at `positions` [B, T] over the cache [B, KV, S, D].
+) -> tuple[Array, KVCache]:
+    """Causal GQA attention of x [B, T, E] at `positions` [B, T] over one layer's cache [B, KV, S, D] (a KVCache
+    of one layer: lists of one array), and that layer's cache with the new keys and values written.
 
     The new keys and values are written into the cache at their positions first; a query at position
     p then attends to cache slots 0..p. Slots beyond p may hold stale or padding entries: the mask
@@ -63,17 +86,26 @@ def attention(
     q = rms_norm(einsum("bte,ehd->bthd", x, p.q), p.q_norm, eps)
     k = rms_norm(einsum("bte,ehd->bthd", x, p.k), p.k_norm, eps)
     v = einsum("bte,ehd->bthd", x, p.v)
-    q = rotary(q, positions, config.rope_theta)
-    k = rotary(k, positions, config.rope_theta)
+    q = rotary(q, positions, config)
+    k = rotary(k, positions, config)
 
     start = positions[:, 0]
     # On a mesh the cache keeps its input sharding, so the donated buffer is reused step after step.
-    k_cache = constrain(write_cache(k_cache, k.transpose(0, 2, 1, 3), start), CACHE_AXES)
-    v_cache = constrain(write_cache(v_cache, v.transpose(0, 2, 1, 3), start), CACHE_AXES)
+    def write(cache: Array, new: Array, axes: tuple[str, ...]) -> Array:
+        return constrain(write_cache(cache, jnp.moveaxis(new, 1, 2), start), axes)
+
+    if layer.k_scale is None:
+        layer = KVCache([write(layer.k[0], k, CACHE_AXES)], [write(layer.v[0], v, CACHE_AXES)])
+    else:  # int8: each new key and value quantized once, as it is written
+        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+        layer = KVCache([write(layer.k[0], k, CACHE_AXES)], [write(layer.v[0], v, CACHE_AXES)],
+                        [write(layer.k_scale[0], k_scale, SCALE_AXES)], [write(layer.v_scale[0], v_scale, SCALE_AXES)])
 
     q = q.reshape(B, T, config.num_kv_heads, config.q_per_kv, config.head_dim)
-    out = attend(q, k_cache[:, :, :window], v_cache[:, :, :window], positions, config.head_dim**-0.5)
-    return einsum("bthd,hde->bte", out.reshape(B, T, config.num_heads, config.head_dim), p.o), k_cache, v_cache
+    seen = jax.tree.map(lambda a: a[:, :, :window], layer)
+    out = attend(q, seen.k[0], seen.v[0], positions, config.head_dim**-0.5,
+                 *(() if seen.k_scale is None else (seen.k_scale[0], seen.v_scale[0])))
+    return einsum("bthd,hde->bte", out.reshape(B, T, config.num_heads, config.head_dim), p.o), layer
 
 
 # Attention reads the cache in blocks of this many slots (the smallest window, engine.MIN_WINDOW). Each block is
@@ -82,9 +114,12 @@ def attention(
 ATTENTION_BLOCK = 256
 
 
-def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float) -> Array:
+def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float, k_scale: Array | None = None,
+           v_scale: Array | None = None) -> Array:
     """Causal softmax attention of queries q [B, T, KV, G, D] at `positions` [B, T] over keys and values
-    [B, KV, W, D] (slot s visible from position p when s <= p), in blocks of ATTENTION_BLOCK slots.
+    [B, KV, W, D] (slot s visible from position p when s <= p), in blocks of ATTENTION_BLOCK slots. int8 keys and
+    values come with their scales [B, KV, W]: a key's scale multiplies its scores, a value's its probabilities (a
+    scale per slot factors out of the sum over head_dim), so no dequantized copy of the window is made.
 
     The scores are rounded as transformers rounds them (q . k in the model's dtype, the softmax in float32), but
     the softmax is normalised after the probability-weighted values are summed, in float32: each block's
@@ -101,7 +136,11 @@ def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float)
     if n * block > W:  # pad to whole blocks, a power of two of them: padding slots are past every position
         pad = ((0, 0), (0, 0), (0, n * block - W), (0, 0))
         keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
-    scores = einsum("btkgd,bksd->bkgts", q, keys) * scale
+        if k_scale is not None:
+            k_scale, v_scale = jnp.pad(k_scale, pad[:3]), jnp.pad(v_scale, pad[:3])
+    scores = einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype)) * scale
+    if k_scale is not None:
+        scores = scores.astype(jnp.float32) * k_scale.astype(jnp.float32)[:, :, None, None, :]
     visible = jnp.arange(n * block)[None, None, :] <= positions[:, :, None]  # [B, T, slots]
     scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
     top = jnp.max(scores, axis=-1, keepdims=True)  # exact in any order
@@ -109,8 +148,10 @@ def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float)
     weights = weights.reshape(B, KV, G * T, n, block).transpose(0, 1, 3, 2, 4)  # [B, KV, n, G*T, block]
     total = _pairwise_sum(_pairwise_sum(weights, axis=-1), axis=2)  # [B, KV, G*T]
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    parts = jnp.matmul(weights.astype(q.dtype), values.reshape(B, KV, n, block, D), precision=precision,
-                       preferred_element_type=jnp.float32)  # [B, KV, n, G*T, D]
+    if v_scale is not None:  # masked slots keep weight 0
+        weights = weights * v_scale.astype(jnp.float32).reshape(B, KV, n, 1, block)
+    parts = jnp.matmul(weights.astype(q.dtype), values.astype(q.dtype).reshape(B, KV, n, block, D),
+                       precision=precision, preferred_element_type=jnp.float32)  # [B, KV, n, G*T, D]
     out = _pairwise_sum(parts, axis=2) / total[..., None]
     return out.reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
@@ -123,13 +164,13 @@ def _pairwise_sum(x: Array, axis: int) -> Array:
 
 
 def write_cache(cache: Array, new: Array, start: Array) -> Array:
-    """Write new [B, KV, T, D] into cache [B, KV, S, D] at slots start[b] .. start[b]+T-1 of each row.
+    """Write new [B, KV, T, ...] into cache [B, KV, S, ...] at slots start[b] .. start[b]+T-1 of each row.
 
     Slots at or past S are dropped, not clamped: the engine parks rows that must not change (free rows,
     rows part-way through their prompt) at position S, and a prompt's last chunk may run past the end."""
-    B, _, T, _ = new.shape
+    B, _, T = new.shape[:3]
     slots = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]  # [B, T]
-    return cache.at[jnp.arange(B)[:, None], :, slots].set(new.transpose(0, 2, 1, 3), mode="drop")
+    return cache.at[jnp.arange(B)[:, None], :, slots].set(jnp.moveaxis(new, 2, 1), mode="drop")
 
 
 def mlp(p: MLPParams, x: Array) -> Array:
@@ -153,12 +194,10 @@ def forward(
     window = cache.max_len if window is None else window
     positions = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
     x = params.embed[tokens]
-    new_k, new_v, router_logits = [], [], []
+    layers, router_logits = [], []
     for i, layer in enumerate(params.layers):
-        h, k_i, v_i = attention(
-            layer.attn, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
-            cache.k[i], cache.v[i], config, window,
-        )
+        h, cache_i = attention(layer.attn, rms_norm(x, layer.attn_norm, config.rms_norm_eps), positions,
+                               cache.layer(i), config, window)
         x = x + h
         y = rms_norm(x, layer.mlp_norm, config.rms_norm_eps)
         if isinstance(layer.mlp, MoEParams):
@@ -166,10 +205,9 @@ def forward(
         else:
             h, logits = mlp(layer.mlp, y), None
         x = x + h
-        new_k.append(k_i)
-        new_v.append(v_i)
+        layers.append(cache_i)
         router_logits.append(logits)
-    return rms_norm(x, params.final_norm, config.rms_norm_eps), KVCache(k=new_k, v=new_v), router_logits
+    return rms_norm(x, params.final_norm, config.rms_norm_eps), KVCache.join(layers), router_logits
 
 
 def lm_logits(params: Params, hidden: Array) -> Array:

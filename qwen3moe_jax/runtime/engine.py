@@ -13,8 +13,8 @@ which); the device state of all rows together is a `Slots` pytree, handed from s
   parked at position S (the cache length), where their writes to the cache and history are dropped, so a
   free row or one part-way through its prompt is left as it was.
 - `copy_row` copies one row's cache and history into another (a prompt prefix the scheduler reuses).
-Both read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW), so a
-short request in a long cache does not pay for all of it, and each window compiles once.
+Prefill and decode read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW),
+so a short request in a long cache does not pay for all of it, and each window compiles once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jax.experimental import io_callback
 
 from qwen3moe_jax.errors import ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.model import backend, cpu_kernels
-from qwen3moe_jax.model.cache import CACHE_AXES, KVCache
+from qwen3moe_jax.model.cache import CACHE_AXES, KVCache, check_kv_dtype
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.quant import QuantizedWeight
@@ -83,10 +83,8 @@ class StepTokens(NamedTuple):
     top_logprob: jax.Array
 
 
-# XLA:GPU's DotMerger joins dots that share an input (attention's q, k and v projections) into one dot over their
-# weights concatenated. With int8 weights it first writes them out converted to bfloat16, where each dot alone reads
-# them as stored (`qwen3moe-jax aot`: bf16[2048, 4096] a layer, 1.1 GB at 32 rows of 30B-A3B). Quantized params run
-# the steps compiled with it off; float ones keep it (one GEMM for three).
+# XLA:GPU's DotMerger joins dots sharing an input (q, k, v) into one over their weights concatenated, writing int8
+# weights out as bfloat16 first (`aot`: 1.1 GB at 32 rows of 30B-A3B): quantized params compile steps without it.
 WITHOUT_DOT_MERGER = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 
@@ -233,7 +231,7 @@ class Engine:
 
     def __init__(self, params: Params, config: ModelConfig, max_seq_len: int, batch_size: int = 1, mesh: Any = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, kv_dtype: str = "model"):
         if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
             raise Qwen3MoeError(f"prefill_chunk must be a power of two >= 1, got {prefill_chunk}")
         if decode_steps < 1:
@@ -249,6 +247,7 @@ class Engine:
         self.mesh = mesh  # a jax.sharding.Mesh the params are sharded over (sharding.py), or None
         self.chunk_size = min(prefill_chunk, bucket_length(max_seq_len, 1 << 30))
         self.decode_steps = decode_steps
+        self.kv_dtype = check_kv_dtype(kv_dtype)  # cache.KV_DTYPES: the model's dtype, or int8 with scales
         self._slots: Slots | None = None
         self._sampler: SamplerState | None = None
         self._constants: dict[tuple, jax.Array] = {}
@@ -292,9 +291,10 @@ class Engine:
         if self._slots is None:
             B, S = self.batch_size, self.max_seq_len
             if self.device is not None:
-                cache = self._put(jax.eval_shape(lambda: KVCache.init(self.config, B, S, self.dtype)))
+                cache = self._put(jax.eval_shape(lambda: KVCache.init(self.config, B, S, self.dtype,
+                                                                       kv_dtype=self.kv_dtype)))
             else:
-                cache = KVCache.init(self.config, B, S, self.dtype, self.mesh)
+                cache = KVCache.init(self.config, B, S, self.dtype, self.mesh, self.kv_dtype)
             self._slots = Slots(cache, *self._put((np.zeros((B, S), np.int32), np.zeros(B, np.int32))))
         return self._slots
 
@@ -440,7 +440,7 @@ class Engine:
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({wanted}) = {prompt_len + wanted} exceeds "
                 f"the KV cache length {self.max_seq_len}; shorten the prompt, lower max_new_tokens, or load "
-                "with a larger max_seq_len"
+                f"with a larger max_seq_len (the model has {self.config.max_position_embeddings} positions)"
             )
         if logprobs is not None and logprobs > LOGPROBS_MAX:
             raise SamplingError(f"logprobs takes at most {LOGPROBS_MAX} alternatives, got {logprobs}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.model import backend
+from qwen3moe_jax.model.cache import bytes_per_token
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.moe import choose_moe_kernel
 from qwen3moe_jax.model.params import abstract_params, named_leaves, param_specs
@@ -94,7 +95,7 @@ class Program:
 
 def compile_programs(config: ModelConfig, dtype: str, batches: list[int], context: int, gpu: Target,
                      prefill_chunk: int, decode_steps: int, warmup_tokens: int | None = None, largest: bool = False,
-                     progress: Callable[[str], None] = lambda _: None) -> list[Program]:
+                     progress: Callable[[str], None] = lambda _: None, kv_dtype: str = "model") -> list[Program]:
     """Every program a server with these settings compiles at warm-up (prompts up to warmup_tokens, default the
     whole context), for each batch size, compiled for `gpu`; with `largest`, only the prefill chunk and the decode
     block of the widest attention window (the full chunk), the two whose memory decides whether the server fits."""
@@ -104,7 +105,7 @@ def compile_programs(config: ModelConfig, dtype: str, batches: list[int], contex
     programs = []
     for batch in batches:
         engine = Engine(params, config, context, batch, prefill_chunk=prefill_chunk, decode_steps=decode_steps,
-                        device=gpu.device)
+                        device=gpu.device, kv_dtype=kv_dtype)
         plan = engine.warmup_programs(warmup_tokens or context, None, all_buckets=True)
         if largest:
             plan = [max((p for p in plan if p[1] == op), key=lambda p: _window_and_tokens(engine, p[1], p[2]))
@@ -226,7 +227,8 @@ def custom_calls(hlo: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ decode estimate
 
-def decode_estimate(config: ModelConfig, dtype: str, batch: int, context: int, gpu: Target) -> dict[str, float]:
+def decode_estimate(config: ModelConfig, dtype: str, batch: int, context: int, gpu: Target,
+                    kv_dtype: str = "model") -> dict[str, float]:
     """An HBM-bound estimate of decode at `batch` rows, each with a full context: the bytes one step must read (every
     weight but the experts and the embedding table once, the distinct experts the batch's tokens choose, one
     embedding row per token, and each row's KV cache) over the target's memory bandwidth. An estimate: no compute,
@@ -243,7 +245,7 @@ def decode_estimate(config: ModelConfig, dtype: str, batch: int, context: int, g
     # Expected distinct experts among batch tokens' k choices each, uniform routing.
     X, k = config.num_experts, config.num_experts_per_tok
     chosen = X * (1 - (1 - k / X) ** batch)
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * np.dtype("bfloat16").itemsize
+    kv_bytes = bytes_per_token(config, "bfloat16", kv_dtype)
     step = dense + experts * chosen / X + batch * embedding / config.vocab_size + batch * context * kv_bytes
     seconds = step / gpu.bandwidth_bytes_per_s
     return {"bytes_per_step": step, "tokens_per_s": batch / seconds}

@@ -232,7 +232,7 @@ def run_bench(
         for batch in batch_sizes:
             # One batch engine at a time, dropped before the next: its KV cache is batch times the model's.
             batch_engine = Engine(model.params, model.config, cache_len, batch, model.mesh, model.engine.chunk_size,
-                                  model.engine.decode_steps)
+                                  model.engine.decode_steps, kv_dtype=model.engine.kv_dtype)
             progress(f"compiling prefill and decode, batch {batch}")
             warm_up(f"prefill batch {batch}, bucket {bucket_length(prompt_len, cache_len)}", f"decode batch {batch}",
                     _engine_decode_rate, batch_engine, prompt, sampling, decode_tokens)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qwen3moe_jax.api import BUNDLED_MODEL, DTYPES, Model, load, random_model
 from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
+from qwen3moe_jax.model.cache import KV_DTYPES
 from qwen3moe_jax.model.config import ModelConfig, preset, preset_names
 from qwen3moe_jax.model.moe import MOE_KERNELS
 from qwen3moe_jax.runtime import compile_cache
@@ -36,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="how the MoE blocks run (qwen3moe_jax/model/moe.py); auto: only the chosen experts' weights "
                         "at decode, whole blocks per expert at prefill, ragged_dot on TPU (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 4096))")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="model",
+                   help="the KV cache's: model (the compute dtype) or int8 (a float16 scale per token and head, half "
+                        "the bytes of bfloat16) (default: %(default)s)")
     p.add_argument("--init-seed", type=int, default=0, help="weight seed for --preset")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prefill prompts in chunks of this many tokens, a power of two (default: %(default)s)")
@@ -145,7 +149,7 @@ def build_model(args: argparse.Namespace) -> Model:
     engine_args = dict(max_batch=getattr(args, "max_batch", 1), prefill_chunk=args.prefill_chunk,
                        decode_steps=args.decode_steps, prefix_cache=not getattr(args, "no_prefix_cache", False),
                        speculative=args.speculative, draft_tokens=args.draft_tokens, ngram=args.ngram,
-                       draft_model=args.draft_model)
+                       draft_model=args.draft_model, kv_dtype=args.kv_dtype)
     if not args.preset:
         model = load(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, progress=is_leader(), mesh=mesh,
                      **engine_args, moe_kernel=args.moe_kernel)
@@ -272,9 +276,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qwen3moe_jax.model.sharding import parse_mesh
     from qwen3moe_jax.tools.plan import format_plans, plan
 
-    rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch))
+    rows = [(name, plan(preset(name), parse_mesh(mesh), dtype, args.context, args.batch, kv_dtype))
             for name in args.preset or ["qwen3-30b-a3b", "qwen3-235b-a22b"]
             for dtype in args.dtype or ["bfloat16", "int8", "int4"]
+            for kv_dtype in args.kv_dtype or KV_DTYPES
             for mesh in args.mesh or ["expert=1", "expert=2", "expert=4", "expert=8", "expert=2,tensor=4"]]
     print(format_plans(rows, args.device_memory_gb))
     return 0
@@ -290,7 +295,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
     gpu = aot.target(args.target)
     batches = args.batch or [1]
     for batch in batches:  # refused before minutes of compiling: the weights and the cache alone do not fit
-        need = plan(config, {}, args.dtype, args.context, batch)
+        need = plan(config, {}, args.dtype, args.context, batch, args.kv_dtype)
         if need.per_device > gpu.memory_bytes:
             print(f"error: {args.dtype} params ({need.params_per_device / 1e9:.1f} GB) and a KV cache of {batch} x "
                   f"{args.context} tokens ({need.cache_per_device / 1e9:.1f} GB) exceed the {gpu.description}'s "
@@ -298,13 +303,16 @@ def cmd_aot(args: argparse.Namespace) -> int:
                   "int8/int4", file=sys.stderr)
             return 1
     programs = aot.compile_programs(config, args.dtype, batches, args.context, gpu, args.prefill_chunk,
-                                    args.decode_steps, args.warmup_tokens, args.largest, progress=_status)
-    estimates = {batch: aot.decode_estimate(config, args.dtype, batch, args.context, gpu) for batch in batches}
+                                    args.decode_steps, args.warmup_tokens, args.largest, progress=_status,
+                                    kv_dtype=args.kv_dtype)
+    estimates = {batch: aot.decode_estimate(config, args.dtype, batch, args.context, gpu, args.kv_dtype)
+                 for batch in batches}
     print(aot.format_report(programs, gpu, estimates))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "target": args.target, "device": gpu.description, "device_bytes": gpu.memory_bytes,
-            "preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "context": args.context,
+            "preset": args.preset, "layers": config.num_layers, "dtype": args.dtype, "kv_dtype": args.kv_dtype,
+            "context": args.context,
             "prefill_chunk": args.prefill_chunk, "decode_steps": args.decode_steps,
             "programs": [dataclasses.asdict(p) | {"peak_bytes": p.peak_bytes} for p in programs],
             "decode_estimate": {str(b): e for b, e in estimates.items()}}, indent=1) + "\n")
@@ -383,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="e.g. expert=8; repeatable (default: expert=1, 2, 4, 8 and expert=2,tensor=4)")
     pln.add_argument("--dtype", action="append", choices=("bfloat16", "float32", "int8", "int4"),
                      help="repeatable (default: bfloat16, int8 and int4)")
+    pln.add_argument("--kv-dtype", action="append", choices=KV_DTYPES,
+                     help="the KV cache's, repeatable (default: both, model (the compute dtype) and int8)")
     pln.add_argument("--context", type=int, default=32768, help="KV cache length per row")
     pln.add_argument("--batch", type=int, default=1, help="KV cache rows")
     pln.add_argument("--device-memory-gb", type=float, default=80.0,
@@ -400,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     ahead.add_argument("--warmup-tokens", type=_at_least(1), default=None,
                      help="prompts the server compiles for at start (default: the whole context)")
     ahead.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto")
+    ahead.add_argument("--kv-dtype", choices=KV_DTYPES, default="model", help="the KV cache's (default: %(default)s)")
     ahead.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     ahead.add_argument("--decode-steps", type=_at_least(1), default=DEFAULT_DECODE_STEPS)
     ahead.add_argument("--layers", type=int, help="compile a cut of the preset, its first N layers (quicker; the "

@@ -11,6 +11,12 @@ the same seed, corpus and machine give the same weights; a checkpoint resumes a 
 
     python scripts/train_small.py --out runs/small          # ~30 min on 2 CPU cores
     python scripts/train_small.py --out runs/small --resume # carry on from runs/small/checkpoint.npz
+
+A trained model's context is extended by tuning it further at a longer length from its GGUF file, with its
+tokenizer, and YaRN over the context it was trained at (the bundled model's 2,048 positions, from 256):
+
+    python scripts/train_small.py --out runs/long --init model.gguf --yarn-factor 8 --seq-len 2048 --batch-size 2 \
+        --steps 160 --peak-lr 1e-3 --warmup-steps 10
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from qwen3moe_jax.api import Model, save_gguf
+from qwen3moe_jax.api import Model, load, save_gguf
 from qwen3moe_jax.io.tokenizer import QWEN_ADDED_TOKENS, QWEN_SPECIAL_TOKENS, Tokenizer
 from qwen3moe_jax.model.cache import KVCache
-from qwen3moe_jax.model.config import ModelConfig
+from qwen3moe_jax.model.config import ModelConfig, Yarn
 from qwen3moe_jax.model.moe import top_k_routing
 from qwen3moe_jax.model.params import Params, init_params
 from qwen3moe_jax.model.router_stats import load_balancing_loss, usage_entropy
@@ -226,9 +232,12 @@ def load_checkpoint(path: Path, params: Params, opt_state: Any) -> tuple[int, Pa
 
 def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict[str, int], resume: bool = False,
           export: Path | None = None, qtype: str = "Q8_0", checkpoint_every: int = 100,
-          eval_every: int = 100, stop_after: int | None = None) -> dict[str, Any] | None:
+          eval_every: int = 100, stop_after: int | None = None, init: Path | None = None,
+          yarn_factor: float | None = None) -> dict[str, Any] | None:
     """Run the whole recipe; returns the figures it also writes to out/metrics.json. With stop_after, the
-    run checkpoints after that step and returns None, to be continued with resume=True."""
+    run checkpoints after that step and returns None, to be continued with resume=True. With `init` (a GGUF
+    file), training starts from that model's weights and tokenizer (vocab_size and shape unused), its context set
+    to tc.seq_len, with YaRN of `yarn_factor` over the context it had when given."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     files = corpus_files(corpus)
@@ -236,14 +245,19 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
     held_texts = [text for rel, text in files if is_held_out(rel)]
     if not train_texts or not held_texts:
         raise SystemExit(f"{corpus}: need .py files both in the train and the held-out split")
-    tokenizer = train_tokenizer(train_texts, vocab_size)
+    base = load(init, progress=False) if init is not None else None
+    tokenizer = base.tokenizer if base is not None else train_tokenizer(train_texts, vocab_size)
     train_ids, held_ids = token_stream(tokenizer, train_texts), token_stream(tokenizer, held_texts)
     _log(f"corpus: {len(train_texts)} train files ({len(train_ids):,} tokens), {len(held_texts)} held-out "
          f"({len(held_ids):,} tokens); tokenizer of {tokenizer.vocab_size} tokens")
 
-    config = model_config(tokenizer, tc.seq_len, shape)
+    if base is None:
+        config = model_config(tokenizer, tc.seq_len, shape)
+        params = init_params(config, tc.seed)
+    else:
+        yarn = Yarn(yarn_factor, base.config.max_position_embeddings) if yarn_factor else base.config.rope_scaling
+        config, params = base.config.replace(max_position_embeddings=tc.seq_len, rope_scaling=yarn), base.params
     optimizer = make_optimizer(tc)
-    params = init_params(config, tc.seed)
     opt_state = optimizer.init(params)
     first_step, history = 0, []
     checkpoint = out / "checkpoint.npz"
@@ -262,7 +276,8 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", aux=f"{row['aux']:.3f}")
         if evaluating:
-            held, _ = evaluate(params, config, held_ids, tc.seq_len, tc.batch_size, max_windows=32)
+            sample = max(tc.batch_size, 32 * 256 // tc.seq_len)  # about 8k tokens, whatever the length
+            held, _ = evaluate(params, config, held_ids, tc.seq_len, tc.batch_size, max_windows=sample)
             row["held_out_loss_sample"] = round(held, 4)
             bar.write(f"step {step + 1}: train loss {row['loss']:.3f}, held-out loss {held:.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 in (tc.steps, stop_after):
@@ -273,6 +288,8 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
     train_seconds = time.perf_counter() - started
 
     held_loss, counts = evaluate(params, config, held_ids, tc.seq_len, tc.batch_size)
+    # Every held-out token also in windows of 256, the length the bundled model was first trained and measured at.
+    held_256 = held_loss if tc.seq_len == 256 else evaluate(params, config, held_ids, 256, 16)[0]
     metrics = {
         "config": dataclasses.asdict(config),
         "train_config": dataclasses.asdict(tc),
@@ -282,6 +299,8 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
         "tokens_seen": tc.steps * tc.batch_size * tc.seq_len,
         "final_train_loss": float(np.mean([r["loss"] for r in history[-5:]])) if history else None,
         "held_out_loss": round(held_loss, 4),
+        "held_out_loss_256": round(held_256, 4),
+        "init": None if init is None else Path(init).name,
         "held_out_perplexity": round(math.exp(held_loss), 2),
         "unigram_held_out_loss": round(unigram_loss(train_ids, held_ids, config.vocab_size), 4),
         "expert_usage_held_out": usage_balance(counts),
@@ -327,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (continue with --resume)")
+    p.add_argument("--init", type=Path, help="start from this GGUF model's weights and tokenizer (a longer context: "
+                                             "with --seq-len and --yarn-factor)")
+    p.add_argument("--yarn-factor", type=float, help="with --init: YaRN of this factor over the model's context")
     return p
 
 
@@ -339,5 +361,5 @@ def main(argv: list[str] | None = None) -> int:
                      warmup_steps=args.warmup_steps, aux_loss_coef=args.aux_loss_coef, seed=args.seed)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE}
     train(args.corpus, args.out, tc, args.vocab_size, shape, args.resume, args.export, args.qtype,
-          args.checkpoint_every, args.eval_every, args.stop_after)
+          args.checkpoint_every, args.eval_every, args.stop_after, args.init, args.yarn_factor)
     return 0

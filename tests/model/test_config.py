@@ -52,6 +52,12 @@ def test_presets():
     assert {"qwen3-30b-a3b", "qwen3-coder-30b-a3b", "qwen3-235b-a22b", "tiny"} <= set(qj.preset_names())
     coder = qj.preset("qwen3-coder-30b-a3b")
     assert (coder.rope_theta, coder.max_position_embeddings, coder.num_layers) == (1e7, 262144, 48)
+    for name in ("qwen3-coder-30b-a3b", "qwen3-30b-a3b-instruct-2507"):  # native 256k: no rope scaling
+        long = qj.preset(name)
+        assert (long.max_position_embeddings, long.rope_theta, long.rope_scaling) == (262144, 1e7, None)
+        assert long.replace(max_position_embeddings=40960, rope_theta=1e6) == qj.preset("qwen3-30b-a3b")
+    yarn = qj.preset("qwen3-30b-a3b-yarn")  # Qwen's recipe for 131,072 tokens: YaRN, factor 4 over 32,768
+    assert (yarn.max_position_embeddings, yarn.rope_scaling) == (131072, qj.Yarn(4.0, 32768))
     big = qj.preset("qwen3-235b-a22b")
     assert (big.num_layers, big.hidden_size, big.num_heads, big.moe_intermediate_size) == (94, 4096, 64, 1536)
     with pytest.raises(qj.ConfigError, match="known presets"):

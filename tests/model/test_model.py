@@ -63,7 +63,7 @@ def test_rotary_preserves_norms_and_depends_only_on_relative_position():
     k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
     def at(x, p):
-        return rotary(x, jnp.array([[p]]), 1e4)[0, 0, 0]
+        return rotary(x, jnp.array([[p]]), qj.preset("tiny").replace(head_dim=16, rope_theta=1e4))[0, 0, 0]
 
     np.testing.assert_allclose(jnp.linalg.norm(at(q, 37)), jnp.linalg.norm(q), rtol=1e-5)
     np.testing.assert_allclose(jnp.dot(at(q, 10), at(k, 3)), jnp.dot(at(q, 107), at(k, 100)), rtol=1e-4)

@@ -89,16 +89,29 @@ def long_model():
     return qj.random_model("tiny", seed=5, std=0.2, max_seq_len=1100, max_batch=2, decode_steps=2)
 
 
-@pytest.mark.parametrize("sampling", [
-    qj.SamplingParams(max_new_tokens=150, logprobs=3, stop_token_ids=()),
-    qj.SamplingParams(max_new_tokens=150, temperature=0.9, top_p=0.95, seed=4, logprobs=3, stop_token_ids=()),
-], ids=["greedy", "seeded"])
-def test_a_short_request_is_bit_for_bit_itself_beside_a_long_one_whatever_window_the_block_reads(long_model, sampling):
+@pytest.fixture(scope="module")
+def long_model_int8():
+    return qj.random_model("tiny", seed=5, std=0.2, max_seq_len=1100, max_batch=2, decode_steps=2, kv_dtype="int8")
+
+
+GREEDY = qj.SamplingParams(max_new_tokens=150, logprobs=3, stop_token_ids=())
+
+
+@pytest.mark.parametrize("cache,sampling", [
+    ("model", GREEDY),
+    ("model", qj.SamplingParams(max_new_tokens=150, temperature=0.9, top_p=0.95, seed=4, logprobs=3,
+                                stop_token_ids=())),
+    ("int8", GREEDY),
+], ids=["greedy", "seeded", "greedy-int8-cache"])
+def test_a_short_request_is_bit_for_bit_itself_beside_a_long_one_whatever_window_the_block_reads(cache, sampling,
+                                                                                                   request):
     """The decode block reads the window its longest row needs: alone, a 20-token request's blocks read 256
     slots; beside a 900-token one they read 1,024, then 1,100 once the long one passes position 1,022. Attention
     runs in blocks of 256 slots summed in a fixed order, where a block past a row's position adds exact zeros: the
     short request's tokens and logprobs are the same bits either way (and so are the long one's against its own
-    run alone)."""
+    run alone). With the int8 cache too: scales multiply each slot's scores and probabilities, a masked slot's
+    weight stays exactly 0."""
+    long_model = request.getfixturevalue("long_model" if cache == "model" else "long_model_int8")
     rng = np.random.default_rng(1)
     short, long = rng.integers(0, 256, 20).tolist(), rng.integers(0, 256, 900).tolist()
     long_sampling = dataclass_stop_free(qj.SamplingParams(max_new_tokens=160, temperature=1.0, seed=9, logprobs=2))

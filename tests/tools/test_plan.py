@@ -19,13 +19,13 @@ def on_first_device(arrays, mesh) -> int:
 def test_plan_matches_the_bytes_of_a_sharded_model():
     """The plan's per-device bytes equal what the arrays of a model loaded on that mesh hold on device 0."""
     mesh = qj.make_mesh(expert=2, tensor=4)
-    for dtype in ("float32", "int8"):
-        model = qj.random_model("tiny", dtype=dtype, max_seq_len=64, mesh=mesh)
+    for dtype, kv_dtype in (("float32", "model"), ("int8", "model"), ("float32", "int8")):
+        model = qj.random_model("tiny", dtype=dtype, max_seq_len=64, mesh=mesh, kv_dtype=kv_dtype)
         model.generate([1, 2, 3], 2, stop_token_ids=[])  # allocates the cache
         cache = model.engine.cache
-        expected = plan(model.config, {"expert": 2, "tensor": 4}, dtype, context=64, batch=1)
+        expected = plan(model.config, {"expert": 2, "tensor": 4}, dtype, context=64, batch=1, kv_dtype=kv_dtype)
         assert expected.params_per_device == on_first_device(jax.tree.leaves(model.params), mesh)
-        assert expected.cache_per_device == on_first_device(cache.k + cache.v, mesh)
+        assert expected.cache_per_device == on_first_device(cache.arrays, mesh)
 
 
 def test_int4_plan_matches_the_bytes_of_a_sharded_model():
@@ -50,6 +50,10 @@ def test_plan_of_the_30b_shape_by_arithmetic():
     assert one.params_per_device - eight.params_per_device == expert_bytes * 7 // 8
     assert eight.cache_per_device == one.cache_per_device  # kv heads are not on the expert axis
     assert np.isclose(plan(config, {"tensor": 4}, "bfloat16", 32768, 8).cache_per_device, one.cache_per_device / 4)
+    # int8 cache: one byte a value and a float16 scale per token and head, 0.508x of bfloat16 at head_dim 128
+    int8 = plan(config, {}, "bfloat16", context=32768, batch=8, kv_dtype="int8")
+    assert int8.cache_per_device == one.cache_per_device // 2 * (config.head_dim + 2) // config.head_dim
+    assert int8.kv_dtype == "int8" and one.kv_dtype == "bfloat16"
 
 
 def test_plan_command_prints_the_table(capsys):
@@ -58,6 +62,10 @@ def test_plan_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "qwen3-235b-a22b" in out and "1,8,1" in out and "bfloat16" in out
     assert out.rstrip().endswith("no")  # 72.8 GB of params + 50.5 GB of cache per device: not on 80 GB
+    assert main(["plan", "--preset", "qwen3-30b-a3b", "--mesh", "expert=1", "--dtype", "int8",
+                 "--context", "262144"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]  # a row for each KV dtype: bfloat16 25.8 GB, int8 13.1 GB
+    assert [[row.split()[i] for i in (3, 6)] for row in rows] == [["bfloat16", "25.8GB"], ["int8", "13.1GB"]]
     assert main(["plan", "--preset", "qwen3-235b-a22b", "--mesh", "expert=8", "--dtype", "bfloat16",
                  "--context", "4096", "--batch", "1", "--device-memory-gb", "141"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("yes")
