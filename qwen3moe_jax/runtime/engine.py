@@ -201,7 +201,7 @@ def row_copy(slots: Slots, src: jax.Array, dst: jax.Array) -> tuple[None, Slots]
     def copy(a: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(a, jax.lax.dynamic_slice_in_dim(a, src, 1, axis=0), dst, axis=0)
 
-    cache = jax.tree.map(lambda a: constrain(copy(a), CACHE_AXES), slots.cache)
+    cache = jax.tree.map(lambda a: constrain(copy(a), CACHE_AXES[: a.ndim]), slots.cache)  # int8 scales: 3 axes
     return None, Slots(cache, copy(slots.history), slots.next_token)
 
 

@@ -188,3 +188,20 @@ def test_placement_prefers_the_longest_reuse_then_the_least_recently_used_row():
     cache.enabled = False
     assert cache.place(prompt, free=[1, 3], busy=[0, 2]) == Placement(3, 0)  # row 3 was freed before row 1
     assert cache.records[3].size == 0
+
+
+def test_an_int8_kv_cache_is_copied_with_its_scales():
+    """With kv_dtype "int8" a row is int8 keys and values and their float16 scales: a prefix copied from a busy row
+    (both kinds of buffer) gives the cold run's tokens and logprobs, bit for bit."""
+    warm, cold = (qj.random_model("tiny", kv_dtype="int8", prefix_cache=on, **SHAPE) for on in (True, False))
+    scheduler = warm.scheduler
+    first = warm.request(BASE + [5] * 20, dataclasses.replace(SEEDED, max_new_tokens=24))
+    first.emit = lambda item: None
+    scheduler.submit(first)
+    while not first.decoding:
+        scheduler.step()
+    prompt = BASE[:60] + [3] * 10
+    second = warm.request(prompt, PENALISED)
+    events = list(scheduler.events(second))
+    assert second.cached == 48 and second.row != first.row
+    assert _result(collect(iter(events))) == _result(cold.complete(prompt, sampling=PENALISED))
