@@ -59,6 +59,15 @@ class StepFailed(Qwen3MoeError):
 Emit = Callable[[Any], None]  # an Event, an exception the request ended with, or None: the request is over
 
 
+def first_step(constraints: list[Constraint | None]) -> dict[str, Any]:
+    """The rows' `allowed` masks and `forced` tokens for a decode or verify step's first token, from the last token
+    each constraint took (None for either when no row needs it: the engine's constant that asks for nothing)."""
+    forced = [c.next_forced if c else -1 for c in constraints]
+    return dict(allowed=[c.next_mask if c else None for c in constraints]
+                if any(c is not None for c in constraints) else None,
+                forced=forced if any(t >= 0 for t in forced) else None)
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One request: its prompt, settings and event maker, and where it stands in the scheduler."""
@@ -314,11 +323,9 @@ class Scheduler:
         constraints = [r.constraint if r is not None else None for r in requests]
         constrained = any(c is not None for c in constraints)
         self.engine.grammar.begin(constraints)  # the block hands them its tokens, and they give the next masks
-        forced = [c.next_forced if c else -1 for c in constraints]  # the first step's, from the last token taken
         out = self._device(
             "decode", positions=[r.position if r else 0 for r in requests], active=active, logprobs=logprobs,
-            allowed=[c.next_mask if c else None for c in constraints] if constrained else None,
-            forced=forced if any(t >= 0 for t in forced) else None, constrained=constrained)
+            **first_step(constraints), constrained=constrained)
         failures = self.engine.grammar.failures  # {row: (step, error)}: a grammar that raised, inside the block
         for b, request in enumerate(requests):
             if request is not None:
@@ -335,12 +342,9 @@ class Scheduler:
         if drafts is None:
             return False
         constraints = [r.constraint if r is not None else None for r in requests]
-        forced = [c.next_forced if c else -1 for c in constraints]
         out = self._device(
             "verify", positions=[r.position if r else 0 for r in requests], active=[r is not None for r in requests],
-            drafts=drafts, logprobs=logprobs,
-            allowed=[c.next_mask if c else None for c in constraints] if any(constraints) else None,
-            forced=forced if any(t >= 0 for t in forced) else None)
+            drafts=drafts, logprobs=logprobs, **first_step(constraints))
         for b, request in enumerate(requests):
             if request is None:
                 continue
