@@ -12,6 +12,7 @@ from qwen3moe_jax.errors import (
 from qwen3moe_jax.model.cache import KVCache
 from qwen3moe_jax.model.config import ModelConfig, Yarn, preset, preset_names
 from qwen3moe_jax.model.sharding import make_mesh
+from qwen3moe_jax.runtime.evaluation import Perplexity, Score
 from qwen3moe_jax.runtime.sampling import SamplingParams
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "KVCache",
     "Model",
     "ModelConfig",
+    "Perplexity",
     "Yarn",
     "Qwen3MoeError",
     "SamplingError",
     "SamplingParams",
+    "Score",
     "load",
     "make_mesh",
     "preset",

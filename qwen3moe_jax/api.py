@@ -1,10 +1,12 @@
 """The public entry points: `load` a checkpoint (or `random_model` from a preset) into a `Model`, whose methods
-(stream, complete, generate, chat, complete_batch, logits, router_stats) run requests through its scheduler."""
+(stream, complete, generate, chat, complete_batch, score, score_batch, perplexity, logits, router_stats) run requests
+through its scheduler."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
-from qwen3moe_jax.errors import ConfigError, Qwen3MoeError, SamplingError
+from qwen3moe_jax.errors import ConfigError, ContextLengthError, Qwen3MoeError, SamplingError
 from qwen3moe_jax.io.checkpoint import float32_arrays, read_checkpoint
 from qwen3moe_jax.io.gguf_write import write_gguf
 from qwen3moe_jax.io.hf import write_hf
@@ -28,6 +31,7 @@ from qwen3moe_jax.model.sharding import replicate, use_mesh
 from qwen3moe_jax.runtime.constraints import Constraint, Grammars, grammar_of
 from qwen3moe_jax.runtime.draft_model import DraftEngine, ModelDrafter, check_draft_vocabulary
 from qwen3moe_jax.runtime.engine import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Engine, bucket_length, full_logits
+from qwen3moe_jax.runtime.evaluation import Perplexity, Score, perplexity_windows, run_sharing_prefixes
 from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestEvents, collect
 from qwen3moe_jax.runtime.sampling import SamplingParams
 from qwen3moe_jax.runtime.scheduler import Request, Scheduler
@@ -170,19 +174,90 @@ class Model:
         return self.scheduler.events(self.request(ids, _with_overrides(sampling or SamplingParams(), overrides),
                                                   on_token))
 
-    def request(self, ids: str | Sequence[int], sampling: SamplingParams, on_token: OnToken | None = None) -> Request:
-        """A checked request for the scheduler (bad requests raise here, a Qwen3MoeError)."""
+    def request(self, ids: str | Sequence[int], sampling: SamplingParams, on_token: OnToken | None = None,
+                score_from: int = 1) -> Request:
+        """A checked request for the scheduler (bad requests raise here, a Qwen3MoeError). With
+        sampling.prompt_logprobs, its prompt tokens from position score_from on are scored."""
         prompt = self.encode(ids)
         self.engine.check_tokens(prompt)
         self.engine.check_request(len(prompt), sampling.max_new_tokens, sampling.logprobs)
+        if sampling.prompt_logprobs is not None:
+            self.engine.check_request(len(prompt), sampling.max_new_tokens, sampling.prompt_logprobs)
+            if not 1 <= score_from < len(prompt):
+                raise Qwen3MoeError(f"the first scored position must be in 1..{len(prompt) - 1}, got {score_from}")
         if sampling.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a model with a tokenizer; give stop_token_ids instead")
         eos = self.config.eos_token_ids
         stops = eos if sampling.stop_token_ids is None else sampling.stop_token_ids
-        limit = sampling.max_new_tokens or self.max_seq_len - len(prompt)
+        limit = self.max_seq_len - len(prompt) if sampling.max_new_tokens is None else sampling.max_new_tokens
         constraint = self.constraint(sampling)
         events = RequestEvents(self.tokenizer, len(prompt), sampling, limit, stops, eos, on_token)
-        return Request(prompt, sampling, events, constraint=constraint)
+        return Request(prompt, sampling, events, constraint=constraint, score_from=score_from)
+
+    def score(self, context: str | Sequence[int], continuation: str | Sequence[int]) -> Score:
+        """The log-likelihood of `continuation` given `context` (texts or token ids): its total log-probability,
+        each token's, and whether it is what greedy decoding writes (evaluation.Score). Two texts are tokenized
+        together and split where the context's own tokens end, its trailing whitespace moved to the continuation,
+        as lm-evaluation-harness does."""
+        return self.score_batch([(context, continuation)])[0]
+
+    def score_batch(self, pairs: Sequence[tuple[str | Sequence[int], str | Sequence[int]]],
+                    progress: bool = False) -> list[Score]:
+        """`score` of many (context, continuation) pairs, in their order, run together on the model's rows; a
+        context that several pairs share is computed once, in whole prefill chunks (runtime/evaluation.py)."""
+        requests = [self._scoring_request(*self._pair(context, continuation)) for context, continuation in pairs]
+        with tqdm(total=len(requests), desc="scoring", unit="pair", disable=not progress) as bar:
+            events = run_sharing_prefixes(self.scheduler, requests, lambda i, _: bar.update(1))
+        return [Score.of(r.prompt, r.score_from, e[0].prompt_logprobs) for r, e in zip(requests, events, strict=True)]
+
+    def _pair(self, context: str | Sequence[int], continuation: str | Sequence[int]) -> tuple[list[int], int]:
+        """The prompt of a (context, continuation) pair, and where the continuation starts in it."""
+        texts = isinstance(context, str) and isinstance(continuation, str)
+        if texts and (spaces := len(context) - len(context.rstrip())):  # they join the continuation's tokens
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        n = len(self.encode(context))
+        ids = self.encode(context + continuation) if texts else self.encode(context) + self.encode(continuation)
+        if n == 0 or n >= len(ids):
+            raise Qwen3MoeError(f"a scored pair needs a context and a continuation of at least one token each, got "
+                                f"{n} and {len(ids) - n} tokens")
+        return ids, n
+
+    def _scoring_request(self, ids: Sequence[int], first: int, top: int = 1) -> Request:
+        return self.request(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=top), score_from=first)
+
+    def perplexity(self, text: str | Sequence[int], context: int, stride: int | None = None, add_bos: bool = False,
+                   progress: bool = False) -> Perplexity:
+        """The perplexity of `text` (or token ids) as llama.cpp's llama-perplexity computes it, over windows of
+        `context` tokens: consecutive windows scored from their middle on, or with a `stride`, windows every
+        `stride` tokens scoring their last `stride` (evaluation.perplexity_windows). add_bos: the vocabulary adds a
+        BOS token (Qwen3's do not), which then starts the text and, without a stride, each window. progress: a bar
+        with the perplexity so far."""
+        ids = self.encode(text)
+        if add_bos:
+            if self.config.bos_token_id is None:
+                raise Qwen3MoeError("add_bos: this model has no BOS token")
+            ids = [self.config.bos_token_id] + ids
+        if context > self.max_seq_len:
+            raise ContextLengthError(f"the perplexity context ({context} tokens) exceeds the KV cache length "
+                                     f"{self.max_seq_len}; load with a larger max_seq_len or lower the context")
+        windows = perplexity_windows(len(ids), context, stride)
+        requests = []
+        for start, first in windows:
+            window = ids[start: start + context]
+            if add_bos and stride is None:
+                window = [self.config.bos_token_id] + window[1:]
+            requests.append(self._scoring_request(window, first, top=0))
+        nlls: list[float] = []
+
+        def done(i: int, events: list[Event]) -> None:
+            nlls.extend(-s.logprob for s in events[0].prompt_logprobs[requests[i].score_from:])
+            bar.update(1)
+            bar.set_postfix(ppl=f"{math.exp(math.fsum(nlls) / len(nlls)):.4f}")
+
+        with tqdm(total=len(requests), desc="perplexity", unit="window", disable=not progress) as bar:
+            events = run_sharing_prefixes(self.scheduler, requests, done)
+        nlls = [-s.logprob for r, e in zip(requests, events, strict=True) for s in e[0].prompt_logprobs[r.score_from:]]
+        return Perplexity.of(nlls, len(windows), context, stride)
 
     def constraint(self, sampling: SamplingParams) -> Constraint | None:
         """A fresh matcher for sampling's json_schema / regex / grammar (None without one); an invalid one

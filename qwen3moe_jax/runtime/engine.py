@@ -39,6 +39,7 @@ from qwen3moe_jax.model.sharding import constrain, replicate, use_mesh
 from qwen3moe_jax.model.transformer import forward, lm_logits
 from qwen3moe_jax.runtime.constraints import BlockGrammar, unconstrained_mask
 from qwen3moe_jax.runtime.sampling import SamplerState, SamplingParams, sample, token_logprobs, unpack_mask
+from qwen3moe_jax.runtime.scoring import chunk_logprobs, full_logits  # noqa: F401 (full_logits: re-exported)
 
 MIN_BUCKET = 16
 # Attention spans start here: below it, reading the whole span costs less than another compile.
@@ -124,12 +125,14 @@ def _sample_step(logits: jax.Array, sampler: SamplerState, history: jax.Array, l
 def prefill_chunk(
     params: Params, slots: Slots, sampler: SamplerState, tokens: jax.Array, row: jax.Array | None,
     start: jax.Array, length: jax.Array, logprobs: jax.Array, allowed: jax.Array, config: ModelConfig, window: int,
-) -> tuple[StepTokens, Slots]:
+    targets: jax.Array | None = None,
+) -> tuple[StepTokens | tuple[StepTokens, StepTokens], Slots]:
     """Write the chunk tokens [R, C] (right-padded) of prompts of `length` [R] tokens at positions start[r] ..
     into cache row `row` (R = 1; None: every row, R = B), attending to the row's slots before start.
     Where a prompt ends inside its chunk, its first new token is sampled (among the tokens `allowed` [R, W],
     a bitmask) and becomes the row's next_token.
-    Returns the sampled tokens ([1, R], meaningful only where the prompt ended) and the state."""
+    Returns the sampled tokens ([1, R], meaningful only where the prompt ended) and the state; with `targets` [R, C]
+    (a scoring chunk, a program of its own), also each position's logprobs of its target (scoring.py)."""
     cache, history = slots.cache, slots.history
     if row is not None:  # one row: run the model on a [1, ...] view, written back in place
         view = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)  # noqa: E731
@@ -143,14 +146,17 @@ def prefill_chunk(
     logits = constrain(lm_logits(params, hidden[rows, last]), (None, None))
     out = _sample_step(logits, sampler, history, length, logprobs, allowed)
     ends_here = length <= start + C
+    tokens_out = StepTokens(*(a[None] for a in out))
+    if targets is not None:
+        tokens_out = (tokens_out, StepTokens(targets, *chunk_logprobs(params, hidden, targets, LOGPROBS_MAX)))
     if row is None:
         next_token = jnp.where(ends_here, jnp.maximum(out.token, 0), slots.next_token)
-        return StepTokens(*(a[None] for a in out)), Slots(cache, history, next_token)
+        return tokens_out, Slots(cache, history, next_token)
     put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, row, axis=0)  # noqa: E731
     cache = jax.tree.map(put, slots.cache, cache)
     mine = jax.lax.dynamic_index_in_dim(slots.next_token, row, keepdims=False)
     next_token = slots.next_token.at[row].set(jnp.where(ends_here[0], jnp.maximum(out.token[0], 0), mine))
-    return StepTokens(*(a[None] for a in out)), Slots(cache, put(slots.history, history), next_token)
+    return tokens_out, Slots(cache, put(slots.history, history), next_token)
 
 
 def _grammar_step(grammar: BlockGrammar, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -203,15 +209,6 @@ def row_copy(slots: Slots, src: jax.Array, dst: jax.Array) -> tuple[None, Slots]
 
     cache = jax.tree.map(lambda a: constrain(copy(a), CACHE_AXES[: a.ndim]), slots.cache)  # int8 scales: 3 axes
     return None, Slots(cache, copy(slots.history), slots.next_token)
-
-
-@partial(jax.jit, static_argnames="config")
-def full_logits(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.Array:
-    """Logits at every position of tokens [B, T] in one pass, with a scratch cache of length T."""
-    B, T = tokens.shape
-    cache = KVCache.init(config, B, T, params.embed.dtype)
-    hidden, _, _ = forward(params, tokens, jnp.zeros(B, jnp.int32), cache, config)
-    return constrain(lm_logits(params, hidden), (None, None, None))
 
 
 class Engine:
@@ -368,25 +365,27 @@ class Engine:
 
     def prefill(self, row: int | None, tokens: Sequence[int] | Sequence[Sequence[int]], start: int | Sequence[int],
                 length: int | Sequence[int], logprobs: bool = False,
-                allowed: Sequence[int] | Sequence[Sequence[int] | None] | None = None) -> StepTokens:
+                allowed: Sequence[int] | Sequence[Sequence[int] | None] | None = None,
+                targets: Sequence[int] | None = None) -> StepTokens | tuple[StepTokens, StepTokens]:
         """One prompt chunk into `row` (tokens: that chunk's ids, at most chunk_size; start a multiple of
         it; length the whole prompt's), or with row=None one chunk of every row (lists of B of each).
-        allowed: the constraint words of the first token's choice (per row for row=None; None: anything)."""
+        allowed: the constraint words of the first token's choice (per row for row=None; None: anything).
+        targets (one row): the prompt token after each of the chunk's, to score them (see prefill_chunk)."""
         rows = [tokens] if row is not None else tokens
         starts = np.atleast_1d(np.asarray(start, np.int32))
         lengths = np.atleast_1d(np.asarray(length, np.int32))
         size, window = self.chunk_shape(int(starts.max()), int((lengths - starts).max()))
-        padded = np.zeros((len(rows), size), np.int32)
-        for r, ids in enumerate(rows):
+        padded = np.zeros((len(rows) + 1, size), np.int32)  # and a last row: the targets, if any
+        for r, ids in enumerate([*rows, targets or []]):
             padded[r, : len(ids)] = ids
-        host = (padded, starts, lengths, np.bool_(logprobs)) + (() if row is None else (np.int32(row),))
-        args = self._put(host)
+        args = self._put((padded[:-1], starts, lengths, np.bool_(logprobs), padded[-1:], np.int32(row or 0)))
         if allowed is None:
             mask = self._constant("mask", len(rows))
         else:
             mask = self._put(self.token_mask([allowed] if row is not None else allowed))
         return self._run(prefill_chunk, self.params, self._take_state(), self.sampler(), args[0],
-                         None if row is None else args[4], args[1], args[2], args[3], mask, self.config, window)
+                         None if row is None else args[5], args[1], args[2], args[3], mask, self.config, window,
+                         None if targets is None else args[4])
 
     def copy_row(self, src: int, dst: int) -> None:
         """Copy row src's cache and history into row dst, whose own are overwritten (src is left as it was)."""

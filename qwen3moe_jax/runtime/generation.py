@@ -15,7 +15,11 @@ request), then the stop checks run. Finish reasons:
     "max_new_tokens"  the request's token budget is spent
     "cache_full"      max_new_tokens=None and the KV cache is full
     "cancelled"       on_token returned False
-A stop token's event has empty text; closing the iterator ends the request without a final event.
+A stop token's event has empty text; closing the iterator ends the request without a final event. A request of
+max_new_tokens=0 has one event, with no token (token_id None): its finish reason, usage and prompt logprobs.
+A request that asks for prompt_logprobs gets them on its first event: per prompt position, the Logprobs of that
+token given the ones before it (None where not computed: the first token, and those before a scoring request's
+first scored position).
 """
 
 from __future__ import annotations
@@ -51,13 +55,17 @@ class Logprobs:
     top: tuple[tuple[int, float], ...]
 
 
+PromptLogprobs = list[Logprobs | None]  # per prompt position (see the module docstring)
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
-    token_id: int
+    token_id: int | None  # None only on the one event of a request of max_new_tokens=0
     text: str  # the text this token makes visible (may be "" while a character or stop string is pending)
     logprobs: Logprobs | None = None
     finish_reason: str | None = None  # set on the last event only
     usage: Usage | None = None  # set on the last event only
+    prompt_logprobs: PromptLogprobs | None = None  # set on the first event only, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Completion:
     finish_reason: str | None
     usage: Usage | None
     logprobs: list[Logprobs] | None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class RequestEvents:
@@ -79,13 +88,26 @@ class RequestEvents:
                  stop_token_ids: Sequence[int], eos_token_ids: Sequence[int], on_token: OnToken | None = None):
         self.start = time.perf_counter()
         self.prompt_len, self.limit, self.on_token = prompt_len, limit, on_token
-        self.out_of_room = "max_new_tokens" if sampling.max_new_tokens else "cache_full"
+        self.out_of_room = "max_new_tokens" if sampling.max_new_tokens is not None else "cache_full"
         self.stop_ids, self.eos_ids = frozenset(stop_token_ids), frozenset(eos_token_ids)
         self.decoder = TextDecoder(tokenizer) if tokenizer is not None else None
         self.stops = StopStrings(sampling.stop)
         self.count = 0
         self.first_at = math.nan
         self.cached_tokens = 0  # set by the scheduler when it admits the request (prefix_cache.py)
+        self.prompt_logprobs: PromptLogprobs | None = None  # filled by the scheduler's scoring chunks
+
+    def _first(self) -> PromptLogprobs | None:
+        """The prompt logprobs, for the first event (and only it)."""
+        scores, self.prompt_logprobs = self.prompt_logprobs, None
+        return scores
+
+    def empty(self) -> Event:
+        """The one event of a request that generates nothing (max_new_tokens=0)."""
+        now = time.perf_counter()
+        self.first_at = now
+        usage = Usage(self.prompt_len, 0, now - self.start, math.nan, now - self.start, self.cached_tokens)
+        return Event(None, "", None, self.out_of_room, usage, self._first())
 
     def push(self, token: int, logprobs: Logprobs | None, complete: bool = False) -> Event:
         """The event of the next token; its finish_reason is set when the request ends with it (complete: the
@@ -116,19 +138,22 @@ class RequestEvents:
             rate = (self.count - 1) / (now - self.first_at) if self.count > 1 and now > self.first_at else math.nan
             usage = Usage(self.prompt_len, self.count, self.first_at - self.start, rate, now - self.start,
                           self.cached_tokens)
-        return Event(token, text, logprobs, reason, usage)
+        return Event(token, text, logprobs, reason, usage, self._first() if self.count == 1 else None)
 
 
 def collect(events: Iterator[Event]) -> Completion:
     """Run a request's events to the end and gather them."""
     ids, texts, logprobs = [], [], []
-    last = None
+    last = first = None
     for last in events:
-        ids.append(last.token_id)
+        first = first or last
+        if last.token_id is not None:
+            ids.append(last.token_id)
+            logprobs.append(last.logprobs)
         texts.append(last.text)
-        logprobs.append(last.logprobs)
     return Completion(
         token_ids=ids, text="".join(texts),
         finish_reason=last.finish_reason if last else None, usage=last.usage if last else None,
         logprobs=logprobs if logprobs and logprobs[0] is not None else None,
+        prompt_logprobs=first.prompt_logprobs if first else None,
     )

@@ -9,7 +9,10 @@ request reuses the longest prefix it shares with a record, rounded down to a mul
 chunks before its own last one (which samples its first token). Every chunk it then runs is a chunk its cold run
 runs, at the same start and shape, over the same bits: its tokens and logprobs are a cold run's, bit for bit.
 Not reused: the tokens of a reply (decode steps write them with another program, whose bits need not equal
-prefill's), and a partial chunk (a cold run computes it with the tokens after it).
+prefill's), a partial chunk (a cold run computes it with the tokens after it), and the chunks of a request that
+scores its prompt (prompt_logprobs) from the one holding its first scored token's predecessor on: a reused chunk
+computes no logits, and a scoring chunk is a program of its own (the scheduler records only what plain prefill
+chunks wrote, and gives such a request its `limit`).
 
 A record outlives its request, and is dropped when its row is taken by a request that reuses less of it, or when
 the device state is lost (a failed step). Records are at most a row's length each: nothing grows with the
@@ -47,17 +50,19 @@ class PrefixCache:
         self._clock = itertools.count()
         self.freed_at = [next(self._clock) for _ in range(rows)]  # row 0 is the least recently used at first
 
-    def reusable(self, prompt: np.ndarray, row: int) -> int:
+    def reusable(self, prompt: np.ndarray, row: int, limit: int | None = None) -> int:
         """How many tokens of `prompt` may take their KV from `row`: the prefix shared with its record, in whole
-        chunks, short of the prompt's last chunk."""
+        chunks, short of the prompt's last chunk (and of the chunk holding token `limit`, when given)."""
         record = self.records[row]
         m = min(len(record), len(prompt))
         differ = np.flatnonzero(record[:m] != prompt[:m])
         shared = int(differ[0]) if differ.size else m
         C = self.chunk
-        return min(shared - shared % C, (len(prompt) - 1) // C * C)
+        end = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
+        return min(shared - shared % C, end // C * C)
 
-    def place(self, prompt: Sequence[int], free: Sequence[int], busy: Sequence[int]) -> Placement:
+    def place(self, prompt: Sequence[int], free: Sequence[int], busy: Sequence[int],
+              limit: int | None = None) -> Placement:
         """The row for a request of `prompt` among the `free` rows: the one whose record it reuses most (the least
         recently used of them on a tie, or with no reuse at all); when a `busy` row holds a longer prefix than
         every free row, the least recently used free row, with that prefix copied into it. The chosen row's
@@ -65,7 +70,7 @@ class PrefixCache:
         records are still kept, so that enabling it again is safe)."""
         ids = np.asarray(prompt, np.int32)
         by_age = sorted(free, key=self.freed_at.__getitem__)
-        reuse = {r: self.reusable(ids, r) if self.enabled else 0 for r in (*free, *busy)}
+        reuse = {r: self.reusable(ids, r, limit) if self.enabled else 0 for r in (*free, *busy)}
         row = max(by_age, key=reuse.__getitem__)  # max keeps the first (least recently used) of equals
         placement = Placement(row, reuse[row])
         source = max(busy, key=reuse.__getitem__, default=None)

@@ -27,8 +27,9 @@ class SamplingParams:
 
     Generation ends at `max_new_tokens` (None: when the KV cache is full), at a token of
     `stop_token_ids` (None: the model's EOS ids), or at one of the `stop` strings, which the returned
-    text leaves out. `logprobs` = n asks for the chosen token's log-probability and the n most likely
-    alternatives at each step (None: off).
+    text leaves out; max_new_tokens=0 generates nothing (a request that only scores its prompt). `logprobs` = n
+    asks for the chosen token's log-probability and the n most likely alternatives at each step (None: off);
+    `prompt_logprobs` = n the same for every prompt token but the first, each given the tokens before it.
 
     At most one of `json_schema` (a dict or JSON text, kept as JSON text), `regex` or `grammar` (a Lark
     grammar in llguidance's syntax, which embeds JSON schemas as `%json{...}`) constrains the output to
@@ -45,6 +46,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     json_schema: str | None = None
     regex: str | None = None
     grammar: str | None = None
@@ -62,8 +64,8 @@ class SamplingParams:
             raise SamplingError(f"repeat_last_n must be an integer >= 0, got {self.repeat_last_n!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise SamplingError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1):
-            raise SamplingError(f"max_new_tokens must be an integer >= 1 or None, got {self.max_new_tokens!r}")
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens) or self.max_new_tokens < 0):
+            raise SamplingError(f"max_new_tokens must be an integer >= 0 or None, got {self.max_new_tokens!r}")
         if isinstance(self.stop, str):  # a lone string is one stop string, not a set of characters
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -73,8 +75,10 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
             if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
                 raise SamplingError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise SamplingError(f"logprobs must be an integer >= 0 or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise SamplingError(f"{name} must be an integer >= 0 or None, got {value!r}")
         given = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
         if len(given) > 1:
             raise SamplingError(f"give at most one of json_schema, regex and grammar, got {' and '.join(given)}")

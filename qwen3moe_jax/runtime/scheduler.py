@@ -84,6 +84,18 @@ class Request:
     finished: bool = False
     admitted: int = 0  # admission order
     output: list[int] = dataclasses.field(default_factory=list)  # the tokens delivered so far
+    score_from: int = 1  # with sampling.prompt_logprobs: the first prompt position scored
+
+    @property
+    def recordable(self) -> int | None:
+        """The prompt tokens before the chunk of the first scoring position's predecessor, for a request that
+        scores its prompt: what it may reuse, and what the prefix cache may record of it (None: no limit)."""
+        return None if self.sampling.prompt_logprobs is None else self.score_from - 1
+
+    def scores_chunk(self, start: int, length: int) -> bool:
+        """Whether the chunk at `start` of `length` tokens holds a position whose next token is scored."""
+        return self.recordable is not None and start + length - 1 >= self.score_from - 1 and \
+            start <= len(self.prompt) - 2
 
     @property
     def cached(self) -> int:
@@ -252,7 +264,7 @@ class Scheduler:
                 request = self.waiting.popleft()
                 free = [row for row, r in enumerate(self.rows) if r is None]
                 busy = [row for row, r in enumerate(self.rows) if r is not None]
-                place = self.prefix_cache.place(request.prompt, free, busy)
+                place = self.prefix_cache.place(request.prompt, free, busy, request.recordable)
                 request.row, request.prefilled = place.row, place.reuse
                 request.events.cached_tokens = place.reuse
                 request.admitted = next(self._admissions)
@@ -271,12 +283,19 @@ class Scheduler:
             self._steps_seen = self.engine.steps_run
             if out is None:
                 return None
-            if kwargs.get("logprobs"):
-                return StepTokens(*(np.asarray(a) for a in out))
-            return StepTokens(np.asarray(out.token), None, None, None)
+            if kwargs.get("targets") is not None:  # a scoring chunk: (the tokens, every position's scores)
+                out, scores = out
+                return self._host(out, kwargs), StepTokens(*(np.asarray(a) for a in scores))
+            return self._host(out, kwargs)
         except Exception as err:
             raise StepFailed(f"the device step ({op}) failed: {type(err).__name__}: {err}; every running request "
                              "ended and the KV cache was reset") from err
+
+    @staticmethod
+    def _host(out: StepTokens, kwargs: dict[str, Any]) -> StepTokens:
+        if kwargs.get("logprobs"):
+            return StepTokens(*(np.asarray(a) for a in out))
+        return StepTokens(np.asarray(out.token), None, None, None)
 
     def _guarded(self, request: Request, work: Callable[[], None]) -> None:
         """Run host-side work of one request; an exception in it ends that request alone, with the exception."""
@@ -298,14 +317,23 @@ class Scheduler:
         except Exception as err:
             self._fail(request, err)
             return
+        scoring = request.scores_chunk(start, len(chunk))
+        targets = {"targets": request.prompt[start + 1: start + len(chunk) + 1]} if scoring else {}
         out = self._device("prefill", row=request.row, tokens=chunk, start=start, length=n,
-                           logprobs=request.sampling.logprobs is not None, allowed=allowed)
+                           logprobs=request.sampling.logprobs is not None, allowed=allowed, **targets)
+        if scoring:
+            out, scores = out
+            self._guarded(request, lambda: self._keep_scores(request, scores, start, len(chunk)))
         request.prefilled = start + len(chunk)
-        self.prefix_cache.prefilled(request.row, request.prompt, request.prefilled)
+        recorded = request.prefilled if request.recordable is None else min(request.prefilled, request.recordable)
+        self.prefix_cache.prefilled(request.row, request.prompt, recorded)
         if request.decoding:
             self.prompt_tokens += n
             self.cached_tokens += request.cached
             request.position = n
+            if request.sampling.max_new_tokens == 0:  # the prompt was all it asked for: no token is taken
+                self._guarded(request, lambda: self._deliver_nothing(request))
+                return
 
             def first_token() -> None:
                 if request.constraint is not None:
@@ -313,6 +341,25 @@ class Scheduler:
                 self._take(request, out, 0, 0)
 
             self._guarded(request, first_token)
+
+    @staticmethod
+    def _keep_scores(request: Request, scores: StepTokens, start: int, length: int) -> None:
+        """The chunk's logprobs of the prompt tokens it predicts that the request scores (scoring.py)."""
+        n, top = len(request.prompt), request.sampling.prompt_logprobs
+        if request.events.prompt_logprobs is None:
+            request.events.prompt_logprobs = [None] * n
+        for i in range(max(0, request.score_from - 1 - start), min(length, n - 1 - start)):
+            alternatives = zip(scores.top_ids[0, i, :top].tolist(), scores.top_logprob[0, i, :top].tolist(),
+                               strict=True)
+            request.events.prompt_logprobs[start + i + 1] = Logprobs(float(scores.logprob[0, i]),
+                                                                     tuple(alternatives))
+
+    def _deliver_nothing(self, request: Request) -> None:
+        event = request.events.empty()
+        with self._emitting:
+            if not request.cancelled:  # cancelled while this step ran: nothing more reaches it
+                request.emit(event)
+        self._end(request)
 
     def _decode(self) -> None:
         active = [r is not None and r.decoding for r in self.rows]

@@ -144,7 +144,7 @@ def test_bad_requests_raise_specific_errors(model):
     with pytest.raises(qj.Qwen3MoeError, match="outside the vocabulary"):
         model.generate([1, 300], max_new_tokens=4)
     with pytest.raises(qj.Qwen3MoeError, match="max_new_tokens"):
-        model.generate([1, 2], max_new_tokens=0)
+        model.generate([1, 2], max_new_tokens=-1)
     with pytest.raises(qj.Qwen3MoeError, match="no tokenizer"):
         model.generate("text", max_new_tokens=4)
     with pytest.raises(qj.SamplingError, match="at most 20"):

@@ -172,7 +172,7 @@ def test_logprobs_are_the_models_log_softmax(model):
 
 
 def test_bad_requests_raise_before_anything_runs(model):
-    for kwargs in ({"stop": [""]}, {"max_new_tokens": 0}, {"logprobs": -1}, {"stop_token_ids": [-3]},
+    for kwargs in ({"stop": [""]}, {"max_new_tokens": -1}, {"logprobs": -1}, {"stop_token_ids": [-3]},
                    {"temprature": 0.5}):
         with pytest.raises(qj.SamplingError):
             model.stream(PROMPT, **kwargs)
