@@ -24,7 +24,8 @@ always before a response starts, so a streaming request with bad parameters gets
   5. `start` submits it to the model's scheduler (runtime/scheduler.py), whose loop runs on a thread of its
      own (`Worker`, jobs.py): up to --max-batch requests share each decode step, and up to --max-queue wait
      for a row; beyond that a request gets 503 with Retry-After. The loop passes each event to the job's
-     asyncio queue; the response (stream.py) reads from it.
+     asyncio queue; the response (stream.py) reads from it. A completion of a list of prompts is a request
+     (and a job) per prompt, answered together, a choice each.
 A chat reply is parsed as it comes (reply.py's ReplyParser, set up by the request's ReplyFormat): a leading
 thinking block goes to reasoning_content and <tool_call> blocks to tool_calls; tool_choice "required" or a
 named function, and response_format, constrain decoding with a grammar (grammars.py).
@@ -53,13 +54,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from qwen3moe_jax.api import Model
-from qwen3moe_jax.errors import ConfigError
+from qwen3moe_jax.errors import ConfigError, Qwen3MoeError
 from qwen3moe_jax.runtime.scheduler import QueueFull
 from qwen3moe_jax.serve.http import DEFAULT_MAX_REQUEST_BYTES, ApiError, Gate, JsonRoute, is_loopback, validation_error
 from qwen3moe_jax.serve.jobs import Job, Worker
 from qwen3moe_jax.serve.metrics import Metrics
 from qwen3moe_jax.serve.prepare import Prepared, prepare_chat, prepare_completion
-from qwen3moe_jax.serve.schemas import ChatRequest, CompletionRequest
+from qwen3moe_jax.serve.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from qwen3moe_jax.serve.stream import respond
 from qwen3moe_jax.serve.tokenizer_process import TokenizerProcess
 
@@ -143,16 +144,60 @@ def create_app(model: Model, model_name: str, api_key: str | None = None,
         check_model(body.model)
         prepared = await run_in_threadpool(prepare_chat, model, body, encode)
         job = start(prepared)
-        return await respond(job, body, request, chat=True, name=model_name, tokenizer=model.tokenizer,
+        return await respond([job], body, request, chat=True, name=model_name, tokenizer=model.tokenizer,
                               reply=prepared.reply)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        job = start(await run_in_threadpool(prepare_completion, model, body, encode))
-        return await respond(job, body, request, chat=False, name=model_name, tokenizer=model.tokenizer)
+        prepared = await run_in_threadpool(prepare_completion, model, body, encode)
+        if body.stream and len(prepared) > 1:
+            raise ApiError(400, "stream takes one prompt: send a list of prompts without stream", "stream",
+                           "invalid_value")
+        jobs: list[Job] = []
+        try:
+            for one in prepared:
+                jobs.append(start(one))
+        except ApiError:  # the queue filled up part-way: the prompts already queued leave with the refusal
+            for job in jobs:
+                job.cancel()
+            raise
+        return await respond(jobs, body, request, chat=False, name=model_name, tokenizer=model.tokenizer,
+                              echoes=[p.prompt if p.echo else None for p in prepared])
 
+    add_tokenizer_routes(app, model, encode)
     return app
+
+
+def add_tokenizer_routes(app: FastAPI, model: Model, encode: Callable[[str], list[int]]) -> None:
+    """vLLM's tokenizer routes, with which clients count and split tokens as the server does (lm-evaluation-harness's
+    local-completions finds them and needs no tokenizer of its own): POST /tokenize {"prompt"} -> {"tokens"},
+    POST /detokenize {"tokens"} -> {"prompt"}, GET /tokenizer_info."""
+
+    def tokenizer() -> Any:
+        if model.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer", code="invalid_value")
+        return model.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        tokenizer()
+        tokens = await run_in_threadpool(encode, body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        try:
+            model.engine.check_tokens(body.tokens)
+        except Qwen3MoeError as err:
+            raise ApiError(400, str(err), "tokens", "invalid_value") from err
+        return {"prompt": tokenizer().decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        info = tokenizer()
+        return {"bos_token": info.bos_token, "eos_token": info.eos_token, "pad_token": None,
+                "model_max_length": model.max_seq_len, "vocab_size": model.config.vocab_size}
 
 
 def serve(model: Model, model_name: str, host: str, port: int, warmup_tokens: int, api_key: str | None = None,

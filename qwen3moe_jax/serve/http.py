@@ -143,7 +143,7 @@ class Gate:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         path = scope["path"]
-        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(headers):
+        if self.api_key is not None and is_protected(path) and not self._authorized(headers):
             return await ApiError(401, "the API key is missing or wrong: send the header Authorization: Bearer KEY",
                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
                                   ).response()(scope, receive, send)
@@ -187,6 +187,14 @@ class Gate:
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the request body exceeds {self.max_request_bytes} bytes (the server's "
                              "--max-request-bytes)", code="request_too_large")
+
+
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def is_protected(path: str) -> bool:
+    """The routes an API key guards: /v1/* and the tokenizer's."""
+    return path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_ROUTES
 
 
 def is_loopback(host: str) -> bool:

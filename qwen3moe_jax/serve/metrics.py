@@ -60,7 +60,8 @@ class Metrics:
                 else:
                     self.itl.observe(now - last)
                 last = now
-                self.generated.inc()
+                if item.token_id is not None:  # None: the one event of a request that generates nothing
+                    self.generated.inc()
             job.put(item)
 
         return emit

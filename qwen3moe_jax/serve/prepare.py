@@ -34,10 +34,11 @@ class Prepared:
     sampling: SamplingParams
     request: Request | None = None
     reply: ReplyFormat | None = None  # chat: how the reply text becomes OpenAI's message fields
+    echo: bool = False  # completions: the prompt comes back before the completion (with its logprobs, if asked)
 
 
-UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
-               "best_of": (1,), "suffix": ("",)}
+UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "best_of": (1,),
+               "suffix": ("",)}
 
 
 def sampling_params(model: Model, body: BaseRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -72,6 +73,9 @@ def prepare_chat(model: Model, body: ChatRequest, encode: Encode) -> Prepared:
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer, so no chat template: use /v1/completions with "
                        "token ids", "messages", "invalid_value")
+    if body.echo:
+        raise ApiError(400, "echo is for /v1/completions (the prompt's text and logprobs): chat does not echo",
+                       "echo", "unsupported_parameter")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -160,15 +164,26 @@ def _constrained(model: Model, body: ChatRequest, params: SamplingParams, must_c
         raise ApiError(400, f"{param}: {err}", param, "invalid_value") from err
 
 
-def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> Prepared:
-    """The tokenizer (`encode`) over the prompt, or its token ids as given, and every check (blocking: run it
-    in a thread)."""
+def prepare_completion(model: Model, body: CompletionRequest, encode: Encode) -> list[Prepared]:
+    """The tokenizer (`encode`) over each prompt, or its token ids as given, and every check (blocking: run it
+    in a thread). With echo and logprobs, each prompt token after the first is scored (its logprobs, given the
+    tokens before it, and as many alternatives as logprobs asks for)."""
     params = sampling_params(model, body, body.max_tokens, body.logprobs)
-    if isinstance(body.prompt, list):
-        return _checked(model, body.prompt, params, "prompt")
-    if model.tokenizer is None:
-        raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt", "invalid_value")
-    return _checked(model, _tokenized(encode, body.prompt), params, "prompt")
+    prompts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str | list) else \
+        [body.prompt]
+    prepared = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", param,
+                               "invalid_value")
+            prompt = _tokenized(encode, prompt)
+        scored = body.echo and body.logprobs is not None and len(prompt) > 1
+        checked = _checked(model, prompt, dataclasses.replace(params, prompt_logprobs=body.logprobs) if scored
+                           else params, param)
+        prepared.append(dataclasses.replace(checked, echo=body.echo))
+    return prepared
 
 
 def _tokenized(encode: Encode, text: str) -> list[int]:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from qwen3moe_jax.runtime.generation import Event
 from qwen3moe_jax.serve.http import ApiError
 from qwen3moe_jax.serve.jobs import Job
 from qwen3moe_jax.serve.reply import ReplyFormat
@@ -18,38 +19,49 @@ from qwen3moe_jax.serve.responses import ResponseShape
 from qwen3moe_jax.serve.schemas import BaseRequest
 
 
-async def respond(job: Job, body: BaseRequest, request: Request, chat: bool, name: str, tokenizer,
-                  reply: ReplyFormat | None = None):
-    """The response to `body` from its job's events: an SSE stream when the body asks for one, else the whole
-    reply once the request has ended."""
+async def respond(jobs: list[Job], body: BaseRequest, request: Request, chat: bool, name: str, tokenizer,
+                  reply: ReplyFormat | None = None, echoes: list[list[int] | None] | None = None):
+    """The response to `body` from its jobs' events (one job, or a completion's for each of its prompts, in order):
+    an SSE stream when the body asks for one (one job), else the whole reply once every request has ended.
+    echoes: per job, the prompt tokens a completion echoes (None: it does not)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    shape = ResponseShape(request_id, name, chat, tokenizer, reply or ReplyFormat())
+    asked = bool(body.logprobs) if chat else body.logprobs is not None
+    shape = ResponseShape(request_id, name, chat, tokenizer, reply or ReplyFormat(), logprobs=asked)
+    echoes = echoes or [None] * len(jobs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(sse(shape, job, include_usage), media_type="text/event-stream",
+        return StreamingResponse(sse(shape, jobs[0], include_usage, echoes[0]), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, jobs))
     try:
-        events = [event async for event in job.events()]
+        runs = await asyncio.gather(*(_collect(job) for job in jobs))
     except Exception as err:
         return ApiError(500, f"generation failed: {err}", kind="server_error").response()
     finally:
         watcher.cancel()
-    if not events or events[-1].finish_reason is None:
+        for job in jobs:
+            job.cancel()  # a no-op once its request ended (another one's failure ends them all)
+    if any(not events or events[-1].finish_reason is None for events in runs):
         # It ended without a last event: cancelled, because its client left. Nobody reads this answer.
         return ApiError(400, "the request was cancelled", code="cancelled").response()
-    return shape.whole(events)
+    return shape.whole_of(list(runs), echoes)
 
 
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Cancel `job` when its client goes away. The body has been read, so the next ASGI message is
+async def _cancel_on_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Cancel the jobs when their client goes away. The body has been read, so the next ASGI message is
     http.disconnect: the client closed the connection (or the response went out, and this was cancelled)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    for job in jobs:
+        job.cancel()
 
 
-async def sse(shape: ResponseShape, job: Job, include_usage: bool) -> AsyncIterator[str]:
+async def _collect(job: Job) -> list[Event]:
+    return [event async for event in job.events()]
+
+
+async def sse(shape: ResponseShape, job: Job, include_usage: bool, echo: list[int] | None = None
+              ) -> AsyncIterator[str]:
     """The response body of a streaming request. Starlette stops iterating it when the client has gone
     (a send fails, or its disconnect listener fires); the finally clause then cancels the job."""
 
@@ -61,6 +73,9 @@ async def sse(shape: ResponseShape, job: Job, include_usage: bool) -> AsyncItera
         if shape.chat:  # the first chunk carries the role
             yield data(shape.chunk({"role": "assistant", "content": ""}, None, include_usage))
         async for event in job.events():
+            if echo is not None:  # the prompt, and its logprobs, before the first token
+                yield data(shape.echo_chunk(echo, event, include_usage))
+                echo = None
             if not shape.chat:
                 if event.text or event.logprobs is not None:
                     yield data(shape.chunk(event.text, None, include_usage, event))
