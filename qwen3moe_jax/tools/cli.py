@@ -1,12 +1,14 @@
 """Command line: `qwen3moe-jax generate --prompt TEXT` streams a completion to stdout from the bundled model
 (or --model PATH, or random weights at --preset NAME); with --chat the prompt is a user message, formatted by
 the model's chat template. `qwen3moe-jax serve` runs the OpenAI-compatible server; `qwen3moe-jax bench`
-measures a model (see qwen3moe_jax/tools/bench.py); `qwen3moe-jax aot` compiles the serving programs for a GPU
+measures a model (see qwen3moe_jax/tools/bench.py); `eval` runs lm-evaluation-harness tasks and `perplexity`
+computes llama.cpp's perplexity of a text file; `qwen3moe-jax aot` compiles the serving programs for a GPU
 without one (tools/aot.py); `qwen3moe-jax plan` sizes params and cache on a mesh."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -223,6 +225,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qwen3moe_jax.tools import lm_eval_model  # lm-eval (the eval extra) loads only for this command
+
+    model = build_model(args)
+    results = lm_eval_model.evaluate(model, args.tasks.split(","), args.include_path, args.limit, args.num_fewshot)
+    print(lm_eval_model.format_results(results))
+    if args.json:
+        Path(args.json).write_text(lm_eval_model.results_json(results))
+        _status(f"wrote {args.json}")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """llama.cpp's llama-perplexity on a text file (runtime/evaluation.py), with a progress bar."""
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace") if Path(args.file).is_file() else None
+    if text is None:
+        raise Qwen3MoeError(f"{args.file}: no such file")
+    args.max_seq_len = args.max_seq_len or args.context  # the cache holds one window
+    model = build_model(args)
+    result = model.perplexity(text, args.context, args.stride, args.add_bos, progress=is_leader())
+    print(f"perplexity: {result.perplexity:.4f} +/- {result.stderr:.5f} (mean NLL {result.nll:.5f} nats) over "
+          f"{result.tokens} tokens in {result.windows} windows of {result.context}"
+          + (f", stride {result.stride}" if result.stride else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(result) | {"file": str(args.file),
+                                                                          "model": model_name(args)}, indent=1) + "\n")
+        _status(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "gpu":
         return _gpu_suite(args)
@@ -287,8 +319,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_aot(args: argparse.Namespace) -> int:
     """Compile the serving programs for a GPU that is not here; exit status 1 if one of them does not fit."""
-    import dataclasses
-
     from qwen3moe_jax.tools.plan import plan
 
     config = preset_config(args.preset, args.layers).replace(moe_kernel=args.moe_kernel)
@@ -383,6 +413,32 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--hf-layers", type=int, default=16, help="layers of the transformers comparison "
                                                                  "(default: %(default)s)")
     bch.set_defaults(func=cmd_bench)
+
+    evl = sub.add_parser("eval", help="lm-evaluation-harness tasks on the model, offline (the eval extra)")
+    add_model_args(evl)
+    add_compile_cache_args(evl)
+    evl.add_argument("--tasks", required=True, help="comma-separated task names (lm-eval's, or of --include-path)")
+    evl.add_argument("--include-path", help="a folder of task YAML files (their data local: no download)")
+    evl.add_argument("--limit", type=_at_least(1), help="at most this many documents per task")
+    evl.add_argument("--num-fewshot", type=_at_least(0), help="examples in each prompt (default: the task's)")
+    evl.add_argument("--max-batch", type=_at_least(1), default=DEFAULT_MAX_BATCH, help="KV-cache rows (default: "
+                                                                                       "%(default)s)")
+    evl.add_argument("--json", metavar="OUT", help="also write lm-eval's results as JSON")
+    evl.set_defaults(func=cmd_eval)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text file, windowed as llama.cpp's llama-perplexity")
+    add_model_args(ppl)
+    add_compile_cache_args(ppl)
+    ppl.add_argument("file", help="a text file (UTF-8)")
+    ppl.add_argument("--context", type=_at_least(2), required=True, help="tokens per window (llama.cpp's -c)")
+    ppl.add_argument("--stride", type=_at_least(1), help="windows every this many tokens, each scoring its last "
+                                                         "--stride tokens (llama.cpp's --ppl-stride; default: "
+                                                         "consecutive windows scored from their middle)")
+    ppl.add_argument("--add-bos", action="store_true", help="start the text (and each window) with the BOS token, "
+                                                            "as llama.cpp does for a vocabulary that adds one "
+                                                            "(Qwen3's add none)")
+    ppl.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    ppl.set_defaults(func=cmd_perplexity)
 
     pln = sub.add_parser("plan", help="per-device memory of params and KV cache on a mesh, nothing allocated")
     pln.add_argument("--preset", action="append", choices=preset_names(),

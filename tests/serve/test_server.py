@@ -255,7 +255,12 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"model": "tiny"}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": ""}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [1, 2, 999999]}, 400, "prompt"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    (COMPLETIONS, {"model": "tiny", "prompt": ["hi", "ho"], "stream": True}, 400, "stream"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2], [3, 999999]]}, 400, "prompt.1"),
+    (COMPLETIONS, {"model": "tiny", "prompt": "x" * 400, "max_tokens": 0, "echo": True}, 400, "prompt"),
+    (CHAT, {"model": "tiny", "messages": HI, "echo": True}, 400, "echo"),
 ]
 
 
