@@ -112,6 +112,14 @@ class ResponseShape:
     def _token(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else f"<{token}>"
 
+    def _top(self, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+        """The completions API's {token text: logprob}, best first; where two tokens have one text (bytes that are no
+        character alone), the likelier one's."""
+        out: dict[str, float] = {}
+        for token, logprob in top:
+            out.setdefault(self._token(token), logprob)
+        return out
+
     def offsets(self, tokens: list[int]) -> tuple[str, list[int]]:
         """The text of tokens and where each token's text starts in it (a character split across tokens belongs
         to the token that completes it)."""
@@ -129,7 +137,7 @@ class ResponseShape:
         followed by the `generated` tokens' (None: none)."""
         echoed = {"tokens": [self._token(t) for t in prompt],
                   "token_logprobs": [s.logprob if s else None for s in scores],
-                  "top_logprobs": [{self._token(t): p for t, p in s.top} if s else None for s in scores],
+                  "top_logprobs": [self._top(s.top) if s else None for s in scores],
                   "text_offset": offsets}
         return echoed if generated is None else {key: echoed[key] + generated[key] for key in echoed}
 
@@ -146,7 +154,7 @@ class ResponseShape:
         starts = list(itertools.accumulate((len(e.text) for e in events[:-1]), initial=base))[: len(events)]
         return {"tokens": [self._token(e.token_id) for e in events],
                 "token_logprobs": [e.logprobs.logprob for e in events],
-                "top_logprobs": [{self._token(t): p for t, p in e.logprobs.top} for e in events],
+                "top_logprobs": [self._top(e.logprobs.top) for e in events],
                 "text_offset": starts}
 
 

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 try:
+    import lm_eval.models  # noqa: F401 (lm-eval's own models register first: it loads them only into an empty registry)
     from lm_eval import utils as lm_eval_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
