@@ -417,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     evl = sub.add_parser("eval", help="lm-evaluation-harness tasks on the model, offline (the eval extra)")
     add_model_args(evl)
     add_compile_cache_args(evl)
-    evl.add_argument("--tasks", required=True, help="comma-separated task names (lm-eval's, or of --include-path)")
-    evl.add_argument("--include-path", help="a folder of task YAML files (their data local: no download)")
+    evl.add_argument("--tasks", required=True, help="comma-separated task names (of --include-path, else lm-eval's)")
+    evl.add_argument("--include-path", help="a folder of task YAML files (their data local: no download); lm-eval's "
+                                            "own tasks are then not indexed")
     evl.add_argument("--limit", type=_at_least(1), help="at most this many documents per task")
     evl.add_argument("--num-fewshot", type=_at_least(0), help="examples in each prompt (default: the task's)")
     evl.add_argument("--max-batch", type=_at_least(1), default=DEFAULT_MAX_BATCH, help="KV-cache rows (default: "

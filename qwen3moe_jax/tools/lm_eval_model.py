@@ -116,12 +116,14 @@ class Qwen3MoeLM(TemplateLM):
 
 def evaluate(model: Model, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
              num_fewshot: int | None = None, log_samples: bool = False) -> dict[str, Any]:
-    """lm-eval's results of `tasks` (names of lm-eval's own tasks, or of task files under include_path) on the model,
-    offline: a task's data must be local (e.g. `dataset_path: json` with `dataset_kwargs: {data_files: ...}`)."""
+    """lm-eval's results of `tasks` on the model: the task files under include_path, or without one lm-eval's own
+    tasks (indexing those takes lm-eval seconds to tens of seconds). Offline: a task's data must be local (e.g.
+    `dataset_path: json` with `dataset_kwargs: {data_files: ...}`), or in the datasets cache already."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    manager = TaskManager(include_path=str(include_path), include_defaults=False) if include_path is not None \
+        else TaskManager()
     results = simple_evaluate(model=Qwen3MoeLM(model), tasks=tasks, task_manager=manager, limit=limit,
                               num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=0)
     if results is None:

@@ -24,8 +24,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    """(our model of a random checkpoint: 3 rows of 96 tokens, prefill chunks of 16; transformers' of it)."""
     path = tmp_path_factory.mktemp("scoring")
-    return path, save_hf_model(path, seed=3, **SHAPE)
+    hf = save_hf_model(path, seed=3, **SHAPE)
+    return qj.load(path, max_seq_len=96, max_batch=3, prefill_chunk=16, progress=False), hf
 
 
 def test_scores_equal_transformers_across_chunks_and_with_a_shared_context(checkpoint):
@@ -33,8 +35,7 @@ def test_scores_equal_transformers_across_chunks_and_with_a_shared_context(check
     continuations of 1 to 20 tokens, one crossing into a fifth chunk; scored together on 3 rows, the context's two
     whole chunks computed once and copied. Each total, each token's logprob and the greedy flag equal transformers'
     single pass (relative error of the totals <= 1e-5), and the same bits come out with the prefix cache off."""
-    path, hf = checkpoint
-    model = qj.load(path, max_seq_len=128, max_batch=3, prefill_chunk=16, progress=False)
+    model, hf = checkpoint
     rng = np.random.default_rng(0)
     context = rng.integers(0, 300, 37).tolist()
     continuations = [rng.integers(0, 300, n).tolist() for n in (1, 5, 20, 11)]
@@ -59,21 +60,23 @@ def test_scores_equal_transformers_across_chunks_and_with_a_shared_context(check
     assert scores[len(continuations) - 1].greedy
 
     model.scheduler.prefix_cache.enabled = False
-    assert model.score_batch(pairs) == scores  # bit for bit: reused chunks are the chunks a cold run computes
+    try:
+        assert model.score_batch(pairs) == scores  # bit for bit: reused chunks are the chunks a cold run computes
+    finally:
+        model.scheduler.prefix_cache.enabled = True
     assert model.score(*pairs[2]) == scores[2]
 
 
 def test_prompt_logprobs_without_new_tokens(checkpoint):
     """max_new_tokens=0 generates nothing and may fill the whole cache; prompt_logprobs gives every prompt token's
     logprob (None for the first) and the most likely alternatives, as transformers computes them."""
-    path, hf = checkpoint
-    model = qj.load(path, max_seq_len=48, prefill_chunk=16, progress=False)
-    ids = np.random.default_rng(1).integers(0, 300, 48).tolist()
+    model, hf = checkpoint
+    ids = np.random.default_rng(1).integers(0, 300, 96).tolist()
     done = model.complete(ids, max_new_tokens=0, prompt_logprobs=3)
     assert done.token_ids == [] and done.text == "" and done.finish_reason == "max_new_tokens"
-    assert done.usage.completion_tokens == 0 and done.usage.prompt_tokens == 48
+    assert done.usage.completion_tokens == 0 and done.usage.prompt_tokens == 96
     reference = log_softmax(hf_logits(hf, ids))
-    assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == 48
+    assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == 96
     for p, entry in enumerate(done.prompt_logprobs[1:], start=1):
         assert entry.logprob == pytest.approx(reference[p - 1, ids[p]], rel=1e-5, abs=1e-6)
         assert [t for t, _ in entry.top] == np.argsort(-reference[p - 1])[:3].tolist()
@@ -83,8 +86,7 @@ def test_prompt_logprobs_without_new_tokens(checkpoint):
 
 
 def test_perplexity_windows_and_bad_requests(checkpoint):
-    path, _ = checkpoint
-    model = qj.load(path, max_seq_len=32, progress=False)
+    model, _ = checkpoint
     # llama.cpp's windows: 100 // 32 consecutive windows scored after their middle; with stride 8,
     # ceil((100 - 32) / 8) windows every 8 tokens, each scoring its last 8.
     assert perplexity_windows(100, 32) == [(0, 17), (32, 17), (64, 17)]
@@ -93,14 +95,14 @@ def test_perplexity_windows_and_bad_requests(checkpoint):
         perplexity_windows(31, 32)
     with pytest.raises(qj.Qwen3MoeError, match="stride"):
         perplexity_windows(100, 32, 32)
-    with pytest.raises(qj.ContextLengthError, match="KV cache length 32"):
-        model.perplexity(list(range(100)), context=64)
+    with pytest.raises(qj.ContextLengthError, match="KV cache length 96"):
+        model.perplexity(list(range(200)), context=128)
     with pytest.raises(qj.Qwen3MoeError, match="continuation of at least one token"):
         model.score([1, 2], [])
     with pytest.raises(qj.Qwen3MoeError, match="continuation of at least one token"):
         model.score([], [1, 2])
     with pytest.raises(qj.ContextLengthError):
-        model.score(list(range(30)), [1, 2, 3])
+        model.score(list(range(95)), [1, 2, 3])
     with pytest.raises(qj.SamplingError, match="at most 20"):
         model.complete([1, 2, 3], max_new_tokens=0, prompt_logprobs=21)
     with pytest.raises(qj.SamplingError, match="prompt_logprobs"):

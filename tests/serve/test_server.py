@@ -288,7 +288,7 @@ HOSTILE_REQUESTS = [
     (COMPLETIONS, {"model": "tiny", "prompt": [1, -1]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [2**31]}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": [10**30]}, 400, "prompt"),
-    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2]]}, 400, "prompt.0"),
+    (COMPLETIONS, {"model": "tiny", "prompt": [[1, 2], []]}, 400, "prompt.1"),
     (COMPLETIONS, {"model": "tiny", "prompt": []}, 400, "prompt"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),

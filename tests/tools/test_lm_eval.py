@@ -43,7 +43,7 @@ def test_the_task_through_the_python_class_and_through_local_completions_against
         name = json.loads(__import__("httpx").get(f"{url}/v1/models").text)["data"][0]["id"]
         api = lm_eval.simple_evaluate(
             model="local-completions", tasks=["pycode"], bootstrap_iters=0, log_samples=True,
-            task_manager=lm_eval.tasks.TaskManager(include_path=str(TASKS)),
+            task_manager=lm_eval.tasks.TaskManager(include_path=str(TASKS), include_defaults=False),
             model_args={"model": name, "base_url": f"{url}/v1/completions", "tokenizer_backend": "remote",
                         "max_length": model.max_seq_len, "num_concurrent": 1, "max_retries": 1})
     accuracy = {how: r["results"]["pycode"]["acc,none"] for how, r in (("python", ours), ("http", api))}
