@@ -320,7 +320,6 @@ HOSTILE_REQUESTS = [
     (CHAT, {"model": "tiny", "messages": HI, "frequency_penalty": -1}, 400, "frequency_penalty"),
     (CHAT, {"model": "tiny", "messages": HI, "logit_bias": {"5": 100}}, 400, "logit_bias"),
     (CHAT, {"model": "tiny", "messages": HI, "response_format": {"type": "json_schema"}}, 400, "response_format"),
-    (COMPLETIONS, {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of"),
     (COMPLETIONS, {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),
     (CHAT, {"model": "", "messages": HI}, 404, "model"),
