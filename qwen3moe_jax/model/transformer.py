@@ -108,10 +108,21 @@ def attention(
     return einsum("bthd,hde->bte", out.reshape(B, T, config.num_heads, config.head_dim), p.o), layer
 
 
-# Attention reads the cache in blocks of this many slots (the smallest window, engine.MIN_WINDOW). Each block is
-# reduced on its own and the blocks' sums are added in a fixed pairwise order, where a block past a row's position
-# adds exact zeros: a row's result is the same bits whatever window the step reads (the one its longest row needs).
+# Attention reads the cache in blocks of this many slots (also the smallest window: below it, reading the whole
+# span costs less than another compile). Each block is reduced on its own and the blocks' sums are added in a fixed
+# pairwise order, where a block past a row's position adds exact zeros: a row's result is the same bits whatever
+# window the step reads (the one its longest row needs).
 ATTENTION_BLOCK = 256
+
+
+def attention_window(filled: int, max_len: int) -> int:
+    """The cache slots a step reads when `filled` slots (its own tokens included) hold keys: a power of two up to
+    1,024, then four sizes an octave (1,280, 1,536, 1,792, 2,048, 2,560, ...), so a step reads at most a quarter
+    more than it needs, for a few more compiles (a chunk up to 2,560 reads 2,560 slots, not 4,096)."""
+    if filled <= 4 * ATTENTION_BLOCK:
+        return min(max(ATTENTION_BLOCK, 1 << (filled - 1).bit_length()), max_len)
+    step = 1 << ((filled - 1).bit_length() - 3)
+    return min(-(-filled // step) * step, max_len)
 
 
 def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float, k_scale: Array | None = None,
@@ -124,7 +135,7 @@ def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float,
     The scores are rounded as transformers rounds them (q . k in the model's dtype, the softmax in float32), but
     the softmax is normalised after the probability-weighted values are summed, in float32: each block's
     exp(score - max) and its share of the output, then the blocks added in a tree over a power-of-two count of
-    blocks (padded with masked ones). The max is exact in any order, a masked slot's weight is exactly 0, and
+    blocks (the missing ones exact zeros). The max is exact in any order, a masked slot's weight is exactly 0, and
     x + 0 == x, so blocks a row cannot see change none of its bits. Every sum is a batched matmul in canonical
     form (batch axes first) or an explicit tree of additions, because XLA:CPU's reductions and dots in other
     layouts round differently as the block count changes (measured)."""
@@ -132,32 +143,41 @@ def attend(q: Array, keys: Array, values: Array, positions: Array, scale: float,
     W = keys.shape[2]
     # A window below one block is the whole cache (there is no other window): one block, padded to a power of two.
     block = min(ATTENTION_BLOCK, 1 << (W - 1).bit_length())
-    n = 1 << (-(-W // block) - 1).bit_length()
-    if n * block > W:  # pad to whole blocks, a power of two of them: padding slots are past every position
+    n = -(-W // block)
+    if n * block > W:  # pad to whole blocks: padding slots are past every position
         pad = ((0, 0), (0, 0), (0, n * block - W), (0, 0))
         keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
         if k_scale is not None:
             k_scale, v_scale = jnp.pad(k_scale, pad[:3]), jnp.pad(v_scale, pad[:3])
-    scores = einsum("btkgd,bksd->bkgts", q, keys.astype(q.dtype)) * scale
-    if k_scale is not None:
-        scores = scores.astype(jnp.float32) * k_scale.astype(jnp.float32)[:, :, None, None, :]
-    visible = jnp.arange(n * block)[None, None, :] <= positions[:, :, None]  # [B, T, slots]
-    scores = jnp.where(visible[:, None, None], scores.astype(jnp.float32), -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)  # exact in any order
-    weights = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0))
-    weights = weights.reshape(B, KV, G * T, n, block).transpose(0, 1, 3, 2, 4)  # [B, KV, n, G*T, block]
-    total = _pairwise_sum(_pairwise_sum(weights, axis=-1), axis=2)  # [B, KV, G*T]
+    # Queries as rows g*T + t against each block's keys: scores [B, KV, n, G*T, block], so each block is reduced
+    # where it lies (transposing the scores into blocks cost more than the rest of attention, past 2,048 slots).
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    rows = q.transpose(0, 2, 3, 1, 4).reshape(B, KV, 1, G * T, D)
+    blocks = lambda a: a.reshape(B, KV, n, block, *a.shape[3:])  # noqa: E731
+    scores = jnp.matmul(rows, jnp.swapaxes(blocks(keys.astype(q.dtype)), -1, -2), precision=precision) * scale
+    if k_scale is not None:
+        scores = scores.astype(jnp.float32) * blocks(k_scale.astype(jnp.float32))[:, :, :, None, :]
+    row_positions = jnp.broadcast_to(positions[:, None, :], (B, G, T)).reshape(B, 1, 1, G * T, 1)
+    visible = jnp.arange(n * block).reshape(n, 1, block) <= row_positions  # [B, 1, n, G*T, block]
+    scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
+    top = jnp.max(scores, axis=(2, 4), keepdims=True)  # exact in any order
+    weights = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0))  # [B, KV, n, G*T, block]
+    total = _pairwise_sum(_pairwise_sum(weights, axis=-1), axis=2)  # [B, KV, G*T]
     if v_scale is not None:  # masked slots keep weight 0
-        weights = weights * v_scale.astype(jnp.float32).reshape(B, KV, n, 1, block)
-    parts = jnp.matmul(weights.astype(q.dtype), values.astype(q.dtype).reshape(B, KV, n, block, D),
+        weights = weights * blocks(v_scale.astype(jnp.float32))[:, :, :, None, :]
+    parts = jnp.matmul(weights.astype(q.dtype), blocks(values.astype(q.dtype)),
                        precision=precision, preferred_element_type=jnp.float32)  # [B, KV, n, G*T, D]
     out = _pairwise_sum(parts, axis=2) / total[..., None]
     return out.reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def _pairwise_sum(x: Array, axis: int) -> Array:
-    """The sum over `axis` (a power-of-two length) as a fixed tree: neighbours added pairwise, level by level."""
+    """The sum over `axis` as a fixed tree over the next power of two of its length (the missing terms exact
+    zeros, as masked blocks would add): neighbours added pairwise, level by level. A window of 10 blocks is so
+    summed as the 16-block window summed them, without computing 6 blocks of nothing."""
+    missing = (1 << (x.shape[axis] - 1).bit_length()) - x.shape[axis]
+    if missing:
+        x = jnp.concatenate([x, jnp.zeros(x.shape[:axis] + (missing,) + x.shape[axis + 1:], x.dtype)], axis)
     while x.shape[axis] > 1:
         x = jax.lax.slice_in_dim(x, 0, None, 2, axis) + jax.lax.slice_in_dim(x, 1, None, 2, axis)
     return jnp.squeeze(x, axis)

@@ -30,8 +30,8 @@ from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.sharding import constrain
-from qwen3moe_jax.model.transformer import forward, lm_logits
-from qwen3moe_jax.runtime.engine import Engine, Slots, attention_window, bucket_length, step_program
+from qwen3moe_jax.model.transformer import attention_window, forward, lm_logits
+from qwen3moe_jax.runtime.engine import Engine, Slots, bucket_length, step_program
 
 # The most context tokens a draft step feeds before drafting (widths 1, 2, 4, 8: one compile each); a longer gap
 # is filled by prompt chunks first. After a verify step the gap is one or two tokens, after a decode block

@@ -13,7 +13,7 @@ which); the device state of all rows together is a `Slots` pytree, handed from s
   parked at position S (the cache length), where their writes to the cache and history are dropped, so a
   free row or one part-way through its prompt is left as it was.
 - `copy_row` copies one row's cache and history into another (a prompt prefix the scheduler reuses).
-Prefill and decode read only a window of the cache: a power of two >= the filled length (at least MIN_WINDOW),
+Prefill and decode read only a window of the cache, a little more than the filled length (`attention_window`),
 so a short request in a long cache does not pay for all of it, and each window compiles once.
 """
 
@@ -36,14 +36,12 @@ from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.quant import QuantizedWeight
 from qwen3moe_jax.model.sharding import constrain, replicate, use_mesh
-from qwen3moe_jax.model.transformer import forward, lm_logits
+from qwen3moe_jax.model.transformer import attention_window, forward, lm_logits
 from qwen3moe_jax.runtime.constraints import BlockGrammar, unconstrained_mask
 from qwen3moe_jax.runtime.sampling import SamplerState, SamplingParams, sample, token_logprobs, unpack_mask
 from qwen3moe_jax.runtime.scoring import chunk_logprobs, full_logits  # noqa: F401 (full_logits: re-exported)
 
 MIN_BUCKET = 16
-# Attention spans start here: below it, reading the whole span costs less than another compile.
-MIN_WINDOW = 256
 # Defaults chosen by measurement on 2 CPU cores with scripts/bench_engine.py (README, "Batched generation"):
 # chunks of 64-128 gave the fastest prefill of 250- and 1000-token prompts (bundled model, small preset), and
 # 4 decode steps per call 1.3-2x the tokens/s of 1 (bundled model, the issue-19 shape). On a GPU, larger
@@ -57,11 +55,6 @@ LOGPROBS_MAX = 20
 def bucket_length(n: int, max_len: int, minimum: int = MIN_BUCKET) -> int:
     """Smallest power of two >= n (at least `minimum`), capped at max_len."""
     return min(max(minimum, 1 << (n - 1).bit_length()), max_len)
-
-
-def attention_window(filled: int, max_len: int) -> int:
-    """The cache slots a step reads when `filled` slots (its own tokens included) hold keys."""
-    return bucket_length(filled, max_len, MIN_WINDOW)
 
 
 @struct.dataclass

@@ -38,14 +38,13 @@ from qwen3moe_jax.errors import ConfigError
 from qwen3moe_jax.model.config import ModelConfig
 from qwen3moe_jax.model.params import Params
 from qwen3moe_jax.model.sharding import constrain
-from qwen3moe_jax.model.transformer import forward, lm_logits
+from qwen3moe_jax.model.transformer import attention_window, forward, lm_logits
 from qwen3moe_jax.runtime.constraints import ALL_ALLOWED
 from qwen3moe_jax.runtime.engine import (
     Engine,
     Slots,
     StepTokens,
     _sample_step,
-    attention_window,
     bucket_length,
     step_program,
 )
