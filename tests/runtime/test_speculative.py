@@ -5,8 +5,10 @@ follow the target's distribution (chi-square on a tiny vocabulary), the n-gram d
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -90,33 +92,38 @@ def test_a_verify_step_runs_decode_steps_after_it_unless_every_row_is_hot_or_one
     assert engine.tail([[5], []], [True, True], constrained=True) == 0
 
 
-def test_warm_up_runs_every_program_requests_run(models):
-    """Every verify step the scheduler runs for requests (of each width and tail: constrained and free rows
-    together) has the shapes and static arguments of one that the engine's warm-up ran."""
-    plain, spec = models
-    engine = spec.engine
-    seen: dict[str, set] = {"warmup": set(), "requests": set()}
-    phase = ["warmup"]
+@contextlib.contextmanager
+def programs_run(engine) -> Iterator[set]:
+    """The set of (step, static arguments and shapes) that `engine` runs while the context is entered."""
+    seen: set = set()
     run = engine._run
 
     def recording(step, *args):
-        seen[phase[0]].add((step.__name__, tuple(a if isinstance(a, int | str | None) else np.shape(a)
-                                                 for a in jax.tree.leaves(args, is_leaf=lambda x: x is None))))
+        leaves = jax.tree.leaves(args, is_leaf=lambda x: x is None)
+        seen.add((step.__name__, tuple(a if isinstance(a, int | str | None) else np.shape(a) for a in leaves)))
         return run(step, *args)
 
     engine._run = recording
     try:
-        engine.warmup(128, 96, all_buckets=True)
-        phase[0] = "requests"
-        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        yield seen
+    finally:
+        engine._run = run
+
+
+def test_warm_up_runs_every_verify_step_requests_run(models):
+    """Every verify step the scheduler runs for requests (of each width and tail: constrained and free rows
+    together) has the shapes and static arguments of one that the engine's warm-up ran."""
+    spec = models[1]
+    with programs_run(spec.engine) as warmup:
+        spec.engine.warmup(128, 96, all_buckets=True)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    with programs_run(spec.engine) as requests:
         spec.complete_batch([REPEATING, "x = ", "def add(a, b):\n"], [
             qj.SamplingParams(max_new_tokens=60), qj.SamplingParams(max_new_tokens=12, json_schema=schema),
             qj.SamplingParams(max_new_tokens=20, temperature=0.8, seed=1)])
-    finally:
-        engine._run = run
-    verify = {program for program in seen["requests"] if program[0] == "verify_block"}
+    verify = {program for program in requests if program[0] == "verify_block"}
     assert len(verify) >= 3 and {args[-1] for _, args in verify} == {0, 1}  # widths, and both tails
-    assert verify <= seen["warmup"]
+    assert verify <= warmup
 
 
 class _FixedDrafter:
