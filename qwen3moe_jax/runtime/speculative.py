@@ -230,14 +230,19 @@ class NgramDrafter:
     def propose(self, context: np.ndarray, k: int) -> list[int]:
         draft: list[int] = []
         while len(draft) < k:
-            more = self._lookup(context, k - len(draft))
+            more, matched = self._lookup(context, k - len(draft))
             if not more:
                 break
+            if not draft:  # at most twice as many tokens as the match is long: a short match is a weak cue
+                k = min(k, 2 * matched)
+                more = more[:k]
             draft += more
             context = np.concatenate([context, np.asarray(more, context.dtype)])
         return draft
 
-    def _lookup(self, context: np.ndarray, k: int) -> list[int]:
+    def _lookup(self, context: np.ndarray, k: int) -> tuple[list[int], int]:
+        """The k tokens (or fewer, at the context's end) after the latest earlier occurrence of the longest n-gram
+        that ends the context, and how many tokens before them match the context's end (the n-gram, and on)."""
         n_ctx = len(context)
         for n in range(min(self.ngram, n_ctx - 1), min(self.MIN_NGRAM, self.ngram) - 1, -1):
             tail = context[n_ctx - n:]
@@ -245,8 +250,11 @@ class NgramDrafter:
             starts = np.flatnonzero(context[: n_ctx - n] == tail[0])
             for i in starts[::-1]:
                 if np.array_equal(context[i: i + n], tail):
-                    return context[i + n: i + n + k].tolist()
-        return []
+                    matched = n
+                    while matched < i + n and context[i + n - 1 - matched] == context[n_ctx - 1 - matched]:
+                        matched += 1
+                    return context[i + n: i + n + k].tolist(), matched
+        return [], 0
 
 
 @dataclasses.dataclass
@@ -345,6 +353,11 @@ class Speculator:
         if not any(ks):
             return None
         drafts = self.drafter.draft(requests, ks)
+        # A draft shorter than asked for (the drafter's cue ran short) is cut to the longest of the lengths it holds:
+        # a step's width is that length's, and tokens the drafter was unsure of would cost more than they bring.
+        lengths = self.config.lengths
+        drafts = [d if len(d) == k else d[: max((n for n in lengths if n <= len(d)), default=0)]
+                  for d, k in zip(drafts, ks, strict=True)]
         return drafts if any(drafts) else None
 
     def record(self, request: Any, drafted: int, accepted: int) -> None:

@@ -129,11 +129,11 @@ def test_warm_up_runs_every_verify_step_requests_run(models):
 class _FixedDrafter:
     """Drafts `token` k times: a point-mass draft that is sometimes right and sometimes wrong."""
 
-    def __init__(self, token: int):
-        self.token = token
+    def __init__(self, token: int, most: int | None = None):
+        self.token, self.most = token, most
 
     def draft(self, requests, ks) -> list[list[int]]:
-        return [[self.token] * k for k in ks]
+        return [[self.token] * min(k, self.most or k) for k in ks]
 
 
 def test_sampled_tokens_follow_the_target_distribution_chi_square():
@@ -185,8 +185,10 @@ def test_ngram_drafter_continues_the_latest_match_of_the_longest_ngram():
     assert drafter.propose(np.array([5, 6, 7, 5, 6]), 3) == [7, 5, 6]  # only "5 6" matches: what followed it
     assert drafter.propose(np.array([5, 6, 7, 6]), 3) == []  # one token is too weak a cue
     assert drafter.propose(np.array([1, 2, 3]), 4) == []
-    # A loop: the match is the text just before, and the draft goes on past the context's end, around the loop.
-    assert drafter.propose(np.array([9, 1, 2, 3, 1, 2, 3]), 8) == [1, 2, 3, 1, 2, 3, 1, 2]
+    # A loop: the match is the text just before, and the draft goes on past the context's end, around the loop, as
+    # far as twice the length of the match (3 tokens, then 8).
+    assert drafter.propose(np.array([9, 1, 2, 3, 1, 2, 3]), 8) == [1, 2, 3, 1, 2, 3]
+    assert drafter.propose(np.array([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 3]), 12) == [9, 1, 2, 3] * 3
 
 
 def test_a_row_climbs_the_draft_lengths_while_its_drafts_are_kept_and_pauses_when_refused():
@@ -221,6 +223,11 @@ def test_a_row_climbs_the_draft_lengths_while_its_drafts_are_kept_and_pauses_whe
 
     row = Row([1, 2], [])
     assert speculator.drafts([row], [7]) == [[3]]
+    speculator.drafter = _FixedDrafter(3, most=2)
+    speculator.budget(row).rung = 2
+    assert speculator.drafts([row], [7]) == [[3]]  # a draft cut short by the drafter: to the length below
+    speculator.budget(row).rung = 0
+    speculator.drafter = _FixedDrafter(3)
     speculator.record(row, drafted=1, accepted=1)
     assert speculator.drafts([row, None], [7, 0]) == [[3, 3, 3], []]
     assert speculator.drafts([row], [2]) == [[3, 3]]  # no further than its room
