@@ -16,11 +16,15 @@ makes, which is what keeps a seeded run reproducible and equal to the same run w
 
 KV-cache slots and history entries written past what a row kept need no undoing: attention and the repetition
 penalty read a row's slots only up to the position being computed, and every later step writes its position
-before it reads it. The row's next_token is the last token kept.
+before it reads it. The row's next_token is the last token kept. After the verify round, the same device call
+mostly runs decode_steps - 1 plain decode steps of every row from its last kept token (`tail`; engine.decode_block's
+steps), so that a refused draft, or a row without one, still makes a decode block's tokens: a draft that fails costs
+only its extra positions, not a device call.
 
 Drafters run between steps: `NgramDrafter` (prompt lookup, on the host) or a draft model (draft_model.py:
-`ModelDrafter`, greedy, on a KV cache of its own). A row whose drafts keep failing drafts less and then pauses
-(`DraftBudget`). Constrained rows never draft (their mask depends on each token taken).
+`ModelDrafter`, greedy, on a KV cache of its own). A row's draft length climbs a ladder while its drafts are kept
+whole, and a row whose draft is refused pauses briefly (`DraftBudget`). Constrained rows never draft (their mask
+depends on each token taken).
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ def verify_block(
 ) -> tuple[StepTokens, Slots]:
     """Row b feeds its next_token at positions[b] and drafts[b, :draft_len[b]] after it ([B, K] int32, padded)
     in one forward pass, and samples its own token after each (the first under `allowed` / `forced`, as in
-    decode_block). Returns StepTokens [K+1, B] whose tokens past a row's kept run are UNKEPT, and the state with
-    next_token the last kept token. Rows not `active` are parked at the cache length: left as they were."""
+    decode_block); then `tail` decode steps of every row from its last kept token (unconstrained). Returns StepTokens
+    [K+1+tail, B] whose tokens past a row's kept run in the first K+1 are UNKEPT, and the state with next_token the
+    last token made. Rows not `active` are parked at the cache length: left as they were."""
     S = slots.history.shape[1]
     B, K = drafts.shape
     rows = jnp.arange(B)
