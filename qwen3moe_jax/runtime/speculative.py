@@ -227,10 +227,21 @@ class NgramDrafter:
         if ngram < 1:
             raise ConfigError(f"the n-gram size must be at least 1, got {ngram}")
         self.ngram = ngram
+        # Each request's context as an array, extended by its new tokens at each call rather than built anew.
+        self._contexts: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
 
     def draft(self, requests: Sequence[Any], ks: Sequence[int]) -> list[list[int]]:
-        return [self.propose(np.asarray(r.prompt + r.output, np.int32), k) if k else [] for r, k in zip(
-            requests, ks, strict=True)]
+        return [self.propose(self._context(r), k) if k else [] for r, k in zip(requests, ks, strict=True)]
+
+    def _context(self, request: Any) -> np.ndarray:
+        held = self._contexts.get(request)
+        if held is None or len(held) < len(request.prompt):
+            held = np.asarray(request.prompt, np.int32)
+        new = request.output[len(held) - len(request.prompt):]
+        if new:
+            held = np.concatenate([held, np.asarray(new, np.int32)])
+        self._contexts[request] = held
+        return held
 
     def propose(self, context: np.ndarray, k: int) -> list[int]:
         draft: list[int] = []
@@ -247,18 +258,20 @@ class NgramDrafter:
 
     def _lookup(self, context: np.ndarray, k: int) -> tuple[list[int], int]:
         """The k tokens (or fewer, at the context's end) after the latest earlier occurrence of the longest n-gram
-        that ends the context, and how many tokens before them match the context's end (the n-gram, and on)."""
+        that ends the context, and how many tokens before them match the context's end (the n-gram, and on; counted
+        up to k)."""
         n_ctx = len(context)
         for n in range(min(self.ngram, n_ctx - 1), min(self.MIN_NGRAM, self.ngram) - 1, -1):
-            tail = context[n_ctx - n:]
             # Candidate starts whose n-gram ends before the tail: each has at least one token after it.
-            starts = np.flatnonzero(context[: n_ctx - n] == tail[0])
-            for i in starts[::-1]:
-                if np.array_equal(context[i: i + n], tail):
-                    matched = n
-                    while matched < i + n and context[i + n - 1 - matched] == context[n_ctx - 1 - matched]:
-                        matched += 1
-                    return context[i + n: i + n + k].tolist(), matched
+            match = context[: n_ctx - n] == context[n_ctx - n]
+            for j in range(1, n):
+                match &= context[j: n_ctx - n + j] == context[n_ctx - n + j]
+            starts = np.flatnonzero(match)
+            if len(starts):
+                i, matched = int(starts[-1]), n
+                while matched < min(i + n, k) and context[i + n - 1 - matched] == context[n_ctx - 1 - matched]:
+                    matched += 1
+                return context[i + n: i + n + k].tolist(), matched
         return [], 0
 
 
