@@ -36,7 +36,6 @@ from qwen3moe_jax.runtime.generation import Completion, Event, OnToken, RequestE
 from qwen3moe_jax.runtime.sampling import SamplingParams
 from qwen3moe_jax.runtime.scheduler import Request, Scheduler
 from qwen3moe_jax.runtime.speculative import (
-    DEFAULT_DRAFT_TOKENS,
     DEFAULT_NGRAM,
     SpeculativeConfig,
     SpeculativeEngine,
@@ -92,9 +91,10 @@ class Model:
             self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache)
         else:
             k = self.speculative.draft_tokens
-            self.engine = SpeculativeEngine(*args, draft_tokens=k, kv_dtype=self.kv_dtype)
             drafter = None if self.draft is None else ModelDrafter(DraftEngine(
-                self.draft.params, self.draft.config, max_seq_len, max_batch, self.mesh, prefill_chunk), k)
+                self.draft.params, self.draft.config, max_seq_len, max_batch, self.mesh, prefill_chunk, draft_tokens=k))
+            self.engine = SpeculativeEngine(*args, draft_tokens=k, kv_dtype=self.kv_dtype,
+                                            draft_engine=drafter and drafter.engine)
             self.scheduler = Scheduler(self.engine, prefix_cache=self.prefix_cache,
                                        speculator=Speculator(self.speculative, drafter))
 
@@ -371,7 +371,7 @@ def load(
     moe_kernel: str = "auto",
     prefix_cache: bool = True,
     speculative: str | None = None,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_tokens: int | None = None,
     ngram: int = DEFAULT_NGRAM,
     draft_model: str | Path | Model | None = None,
     kv_dtype: str = "model",
@@ -401,10 +401,10 @@ def load(
     prefix_cache: a request reuses the keys and values of the prompt prefix a KV-cache row holds from an earlier
     request, in whole prefill chunks, and prefills only the rest; its tokens and logprobs are those it gets without
     (runtime/prefix_cache.py).
-    speculative: "ngram" drafts up to draft_tokens tokens per step by prompt lookup (n-grams of up to `ngram`
-    tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None: off.
-    draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
-    tokens per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
+    speculative: "ngram" drafts up to draft_tokens tokens per step (default 31) by prompt lookup (n-grams of up to
+    `ngram` tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None:
+    off. draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
+    tokens (default 7) per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
     "draft_model" (or None).
     kv_dtype: the KV cache's, one of model.cache.KV_DTYPES: "model" (the compute dtype) or "int8" (int8 keys and
     values with a float16 scale per token and head: half the bytes of bfloat16; see model/cache.py)."""
@@ -419,7 +419,7 @@ def load(
                  spec, draft, kv_dtype)
 
 
-def _speculative(method: str | None, draft_tokens: int, ngram: int,
+def _speculative(method: str | None, draft_tokens: int | None, ngram: int,
                  draft_model: str | Path | Model | None) -> SpeculativeConfig | None:
     if draft_model is not None:
         if method not in (None, "draft_model"):
@@ -467,7 +467,7 @@ def random_model(
     moe_kernel: str | None = None,
     prefix_cache: bool = True,
     speculative: str | None = None,
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+    draft_tokens: int | None = None,
     ngram: int = DEFAULT_NGRAM,
     draft_model: str | Path | Model | None = None,
     kv_dtype: str = "model",

@@ -61,9 +61,32 @@ def draft_block(params: Params, slots: Slots, feed: jax.Array, start: jax.Array,
 
 
 class DraftEngine(Engine):
-    """The draft model's Engine: its prefill fills a row's cache from a long context, `draft` drafts."""
+    """The draft model's Engine: its prefill fills a row's cache from a long context, `draft` drafts `draft_tokens`
+    tokens per row."""
 
     STEPS = Engine.STEPS + ("draft",)
+
+    def __init__(self, *args: Any, draft_tokens: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.draft_tokens = draft_tokens
+
+    def warmup_programs(self, prompt_len: int, max_new_tokens: int | None = None,
+                        all_buckets: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+        """The prefill chunk shapes of Engine.warmup_programs, and the draft step of each feed width at each of its
+        decode windows (the draft model runs no decode block)."""
+        B = self.batch_size
+        programs = []
+        for what, op, kwargs in super().warmup_programs(prompt_len, max_new_tokens, all_buckets):
+            if op != "decode":
+                programs.append((what, op, kwargs))
+                continue
+            width = 1
+            while width <= MAX_FEED:
+                programs.append((f"draft {self.draft_tokens} after {width} fed (window {kwargs['window']})", "draft",
+                                 dict(feeds=[[0] * width] + [[]] * (B - 1), starts=[0] * B,
+                                      steps=self.draft_tokens, window=kwargs["window"])))
+                width *= 2
+        return programs
 
     def draft(self, feeds: Sequence[Sequence[int]], starts: Sequence[int], steps: int,
               window: int | None = None) -> jax.Array:
@@ -86,9 +109,9 @@ class DraftEngine(Engine):
 class ModelDrafter:
     """Drafts each row's next `k` tokens with a draft model (the module docstring says how its cache keeps up)."""
 
-    def __init__(self, engine: DraftEngine, draft_tokens: int):
+    def __init__(self, engine: DraftEngine):
         self.engine = engine
-        self.steps = draft_tokens  # every draft step drafts this many: one compiled width
+        self.steps = engine.draft_tokens  # every draft step drafts this many: one compiled width
         self._fed: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
 
     def draft(self, requests: Sequence[Any], ks: Sequence[int]) -> list[list[int]]:

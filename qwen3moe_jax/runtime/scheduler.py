@@ -380,35 +380,36 @@ class Scheduler:
                 request.position += out.token.shape[0]
 
     def _verify(self, requests: list[Request | None], logprobs: bool) -> bool:
-        """A verify step of every decoding row with its draft, where drafting pays (speculative.py); False where it
-        does not (the caller runs a decode block). A constrained row makes its one token under its mask, and its
-        constraint takes it here."""
+        """A verify step of every decoding row with its draft, where some row has one (speculative.py), mostly followed
+        by decode steps of every row (SpeculativeEngine.tail); False where no row drafts (the caller runs a decode
+        block). A constrained row makes its one token under its mask, and its constraint takes it here."""
         # A constrained row drafts nothing: its next mask depends on each token taken.
         rooms = [0 if r is None or r.constraint else r.events.limit - r.events.count - 1 for r in requests]
-        drafts = self.speculator.drafts(requests, rooms, self.engine.decode_steps)
+        drafts = self.speculator.drafts(requests, rooms)
         if drafts is None:
             return False
         constraints = [r.constraint if r is not None else None for r in requests]
-        out = self._device(
-            "verify", positions=[r.position if r else 0 for r in requests], active=[r is not None for r in requests],
-            drafts=drafts, logprobs=logprobs, **first_step(constraints))
+        active = [r is not None for r in requests]
+        tail = self.engine.tail(drafts, active, any(c is not None for c in constraints))
+        out = self._device("verify", positions=[r.position if r else 0 for r in requests], active=active,
+                           drafts=drafts, logprobs=logprobs, tail=tail, **first_step(constraints))
         for b, request in enumerate(requests):
             if request is None:
                 continue
-            kept = int(np.sum(out.token[:, b] != UNKEPT))
+            kept = np.flatnonzero(out.token[:, b] != UNKEPT)  # the verify round's kept run, then the decode steps
             if drafts[b]:
-                self.speculator.record(request, len(drafts[b]), kept - 1)
+                self.speculator.record(request, len(drafts[b]), len(kept) - 1 - tail)
             self._guarded(request, lambda b=b, request=request, kept=kept: self._deliver_kept(request, out, b, kept))
-            request.position += kept
+            request.position += len(kept)
         return True
 
-    def _deliver_kept(self, request: Request, out: StepTokens, col: int, kept: int) -> None:
-        for step in range(kept):
+    def _deliver_kept(self, request: Request, out: StepTokens, col: int, kept: np.ndarray) -> None:
+        for step in kept:
             if request.finished or request.cancelled:
                 return
             if request.constraint is not None:
                 request.constraint.take(int(out.token[step, col]))
-            self._take(request, out, step, col)
+            self._take(request, out, int(step), col)
 
     def _deliver(self, request: Request, out: StepTokens, col: int, failure: tuple[int, Exception] | None) -> None:
         """Deliver the request's tokens of a decode block, up to the step its grammar failed at, if it did."""

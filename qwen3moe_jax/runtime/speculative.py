@@ -16,18 +16,22 @@ makes, which is what keeps a seeded run reproducible and equal to the same run w
 
 KV-cache slots and history entries written past what a row kept need no undoing: attention and the repetition
 penalty read a row's slots only up to the position being computed, and every later step writes its position
-before it reads it. The row's next_token is the last token kept.
+before it reads it. The row's next_token is the last token kept. After the verify round, the same device call
+mostly runs decode_steps - 1 plain decode steps of every row from its last kept token (`tail`; engine.decode_block's
+steps), so that a refused draft, or a row without one, still makes a decode block's tokens: a draft that fails costs
+only its extra positions, not a device call.
 
 Drafters run between steps: `NgramDrafter` (prompt lookup, on the host) or a draft model (draft_model.py:
-`ModelDrafter`, greedy, on a KV cache of its own). A row whose drafts keep failing drafts less and then pauses
-(`DraftBudget`). Constrained rows never draft (their mask depends on each token taken).
+`ModelDrafter`, greedy, on a KV cache of its own). A row's draft length climbs a ladder while its drafts are kept
+whole, and a row whose draft is refused pauses briefly (`DraftBudget`). Constrained rows never draft (their mask
+depends on each token taken).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -45,32 +49,32 @@ from qwen3moe_jax.runtime.engine import (
     Slots,
     StepTokens,
     _sample_step,
-    bucket_length,
+    decode_block,
     step_program,
 )
 from qwen3moe_jax.runtime.sampling import SamplerState
 
 METHODS = ("ngram", "draft_model")  # prompt lookup; a draft model (load's draft_model, serve's --draft-model)
 # Measured on the bundled model, 2 CPU cores (README, "Speculative decoding"): see scripts/bench_speculative.py.
-DEFAULT_DRAFT_TOKENS = 7
+# The most tokens drafted per step, per method: prompt lookup climbs to it only while its drafts are kept whole
+# (DraftBudget); a draft model drafts this many in each draft step.
+DEFAULT_DRAFT_TOKENS = {"ngram": 31, "draft_model": 7}
 DEFAULT_NGRAM = 3
-# What a verify step of DEFAULT_DRAFT_TOKENS costs against a decode block of the default decode_steps: 3.1 against
-# 3.8 ms on the bundled model, 2 CPU cores (an MoE's verify reads each position's experts, so it is not free).
-VERIFY_COST = 0.8
 # A token the verify step did not keep (past a row's first disagreement): the host delivers up to it.
 UNKEPT = -2
 
 
-@step_program("config", "window")
+@step_program("config", "window", "tail")
 def verify_block(
     params: Params, slots: Slots, sampler: SamplerState, positions: jax.Array, active: jax.Array,
     drafts: jax.Array, draft_len: jax.Array, logprobs: jax.Array, allowed: jax.Array, forced: jax.Array,
-    config: ModelConfig, window: int,
+    config: ModelConfig, window: int, tail: int = 0,
 ) -> tuple[StepTokens, Slots]:
     """Row b feeds its next_token at positions[b] and drafts[b, :draft_len[b]] after it ([B, K] int32, padded)
     in one forward pass, and samples its own token after each (the first under `allowed` / `forced`, as in
-    decode_block). Returns StepTokens [K+1, B] whose tokens past a row's kept run are UNKEPT, and the state with
-    next_token the last kept token. Rows not `active` are parked at the cache length: left as they were."""
+    decode_block); then `tail` decode steps of every row from its last kept token (unconstrained). Returns StepTokens
+    [K+1+tail, B] whose tokens past a row's kept run in the first K+1 are UNKEPT, and the state with next_token the
+    last token made. Rows not `active` are parked at the cache length: left as they were."""
     S = slots.history.shape[1]
     B, K = drafts.shape
     rows = jnp.arange(B)
@@ -94,30 +98,68 @@ def verify_block(
     last = out.token[accepted, rows]
     next_token = jnp.where(active, jnp.maximum(last, 0), slots.next_token)
     token = constrain(jnp.where(kept, out.token, UNKEPT), (None, None))
-    return out._replace(token=token), Slots(cache, history, next_token)
+    out, slots = out._replace(token=token), Slots(cache, history, next_token)
+    if tail:
+        more, slots, _ = decode_block(params, slots, sampler, positions + accepted + 1, active, logprobs,
+                                      jnp.full_like(allowed, ALL_ALLOWED), jnp.full_like(forced, -1),
+                                      config=config, window=window, steps=tail)
+        out = StepTokens(*(jnp.concatenate([a, b]) for a, b in zip(out, more, strict=True)))
+    return out, slots
+
+
+# The widths (positions per row) a verify step compiles for, each capped at draft_tokens + 1. Measured on the bundled
+# model, 2 CPU cores, against a 4-step decode block: a verify step of width 2, 4, 8 or 32 with its 3 decode steps
+# cost 1.0x, 1.15x, 1.6x and 2.3x; one of 16 cost as much as 32 (the MoE's blocked kernel from 32 (token, expert)
+# pairs on), so it is left out. Fewer widths also mean fewer compiles.
+VERIFY_WIDTHS = (2, 4, 8, 32, 128)
+# From this width on, a verify step where every row drafts runs no decode steps after it (SpeculativeEngine.tail): at
+# 32 positions, 32 tokens in 1.6x a decode block's time, against 35 in 2.4x with them (bundled model, 2 CPU cores).
+HOT_WIDTH = 32
+
+
+def verify_widths(draft_tokens: int) -> list[int]:
+    """The verify widths of a SpeculativeEngine of draft_tokens: VERIFY_WIDTHS up to draft_tokens + 1, and that."""
+    return sorted({min(w, draft_tokens + 1) for w in VERIFY_WIDTHS} | {draft_tokens + 1})
 
 
 class SpeculativeEngine(Engine):
-    """An Engine that also runs `verify` steps of `draft_tokens` drafted tokens per row."""
+    """An Engine that also runs `verify` steps of up to `draft_tokens` drafted tokens per row."""
 
     STEPS = Engine.STEPS + ("verify",)
 
-    def __init__(self, *args: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS, **kwargs: Any):
+    def __init__(self, *args: Any, draft_tokens: int = DEFAULT_DRAFT_TOKENS["ngram"],
+                 draft_engine: Engine | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be at least 1, got {draft_tokens}")
         self.draft_tokens = draft_tokens
+        self.widths = verify_widths(draft_tokens)
+        self.draft_engine = draft_engine  # a draft model's (draft_model.DraftEngine): warmed up with this one
+
+    def width(self, drafts: Sequence[Sequence[int]]) -> int:
+        """The verify step's width (positions per row) for these drafts: the narrowest of `widths` that holds the
+        longest. Short drafts cost a short step (each position's experts are read); each width compiles once per
+        window and tail."""
+        return next(w for w in self.widths if w > max(map(len, drafts)))
+
+    def tail(self, drafts: Sequence[Sequence[int]], active: Sequence[bool], constrained: bool) -> int:
+        """The decode steps a verify step of these drafts runs after its verify round: decode_steps - 1, so that a
+        row whose draft is refused, or that has none, still makes a decode block's tokens in the call; none where a
+        row is constrained (its masks would depend on the tokens taken), or where every row drafts and the step is
+        wide (at least HOT_WIDTH: rows climb there only while their drafts are kept whole, and the decode steps
+        would cost more than they bring)."""
+        hot = self.width(drafts) >= HOT_WIDTH and all(d for d, a in zip(drafts, active, strict=True) if a)
+        return 0 if constrained or hot else self.decode_steps - 1
 
     def verify(self, positions: Sequence[int], active: Sequence[bool], drafts: Sequence[Sequence[int]],
                logprobs: bool = False, allowed: Sequence[Sequence[int] | None] | None = None,
-               forced: Sequence[int] | None = None, window: int | None = None) -> StepTokens:
+               forced: Sequence[int] | None = None, window: int | None = None, tail: int = 0) -> StepTokens:
         """One verify step of every row from `positions` with its `drafts` (at most draft_tokens each; an empty
-        one: the row makes one token, as a decode step); allowed / forced as for `decode`'s first step. The
-        attention window is the one the furthest position needs, unless given."""
-        # The step's width is a power of two (at most draft_tokens + 1) holding the longest draft: short drafts
-        # cost a short step (each position's experts are read), and each width compiles once per window.
+        one: the row makes one token, as a decode step), then `tail` decode steps of every row from its last kept
+        token (verify_block); allowed / forced as for `decode`'s first step. The attention window is the one the
+        furthest position needs, unless given."""
         B = self.batch_size
-        K = bucket_length(max(map(len, drafts)) + 1, self.draft_tokens + 1, minimum=2) - 1
+        K = self.width(drafts) - 1
         positions = np.asarray(positions, np.int32)
         active = np.asarray(active, bool)
         padded = np.zeros((B, K), np.int32)
@@ -127,7 +169,7 @@ class SpeculativeEngine(Engine):
             padded[b, : len(draft)] = draft
         if window is None:
             top = int((positions + lengths)[active].max()) if active.any() else 0
-            window = attention_window(top + 1, self.max_seq_len)
+            window = attention_window(top + 1 + tail, self.max_seq_len)
         host = [positions, active, padded, lengths, np.bool_(logprobs)]
         host.append(self.token_mask(allowed) if allowed is not None else None)
         host.append(np.asarray(forced, np.int32) if forced is not None else None)
@@ -135,22 +177,32 @@ class SpeculativeEngine(Engine):
         mask = args[5] if allowed is not None else self._constant("mask", B)
         tokens = args[-1] if forced is not None else self._constant("forced", B)
         return self._run(verify_block, self.params, self._take_state(), self.sampler(), *args[:5], mask, tokens,
-                         self.config, window)
+                         self.config, window, tail)
 
     def warmup_programs(self, prompt_len: int, max_new_tokens: int | None = None,
                         all_buckets: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
-        """Engine.warmup_programs, and the verify step of each width at each decode window."""
+        """Engine.warmup_programs, and the verify step of each width at each decode window, with each tail it can
+        run with (`tail`: with more than one row, a row may not draft, or be constrained)."""
         programs = super().warmup_programs(prompt_len, max_new_tokens, all_buckets)
         B = self.batch_size
         windows = [kwargs["window"] for _, op, kwargs in programs if op == "decode"]
-        width = 2
-        while True:
-            K = min(width, self.draft_tokens + 1) - 1
-            programs += [(f"verify {K} drafted (window {w})", "verify",
-                          dict(positions=[0] * B, active=[False] * B, drafts=[[0] * K] * B, window=w)) for w in windows]
-            if K == self.draft_tokens:
-                return programs
-            width *= 2
+        for width in self.widths:
+            drafts = [[0] * (width - 1)] * B
+            tails = {self.tail(drafts, [True] * B, False), self.tail([[]] + drafts[1:], [True] * B, B > 1)}
+            for tail in sorted(tails, reverse=True):
+                what = f"verify {width - 1} drafted" + (f" + {tail} decode steps" if tail else "")
+                programs += [(f"{what} (window {w})", "verify", dict(
+                    positions=[0] * B, active=[False] * B, drafts=drafts, window=w, tail=tail)) for w in windows]
+        return programs
+
+    def warmup_steps(self, prompt_len: int, max_new_tokens: int | None = None,
+                     all_buckets: bool = False) -> list[tuple[str, Callable[[], None]]]:
+        """Engine.warmup_steps, and the draft model's (its prompt chunks and draft steps), if there is one."""
+        steps = super().warmup_steps(prompt_len, max_new_tokens, all_buckets)
+        if self.draft_engine is not None:
+            steps += [(f"draft model: {what}", compile_step) for what, compile_step in
+                      self.draft_engine.warmup_steps(prompt_len, max_new_tokens, all_buckets)]
+        return steps
 
 
 class Drafter(Protocol):
@@ -164,7 +216,9 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n tokens
     (n = ngram, then shorter, down to MIN_NGRAM), as code edits and quotes repeat their input. One token is too
-    weak a cue: measured on the bundled model, its drafts were mostly refused."""
+    weak a cue: measured on the bundled model, its drafts were mostly refused. Where the tokens after the match run
+    out (the match is the text just before: the output repeats itself), the draft goes on as a lookup in the context
+    with the draft so far appended would, so a loop of a few tokens drafts a long draft."""
 
     MIN_NGRAM = 2
 
@@ -172,42 +226,76 @@ class NgramDrafter:
         if ngram < 1:
             raise ConfigError(f"the n-gram size must be at least 1, got {ngram}")
         self.ngram = ngram
+        # Each request's context as an array, extended by its new tokens at each call rather than built anew.
+        self._contexts: weakref.WeakKeyDictionary[Any, np.ndarray] = weakref.WeakKeyDictionary()
 
     def draft(self, requests: Sequence[Any], ks: Sequence[int]) -> list[list[int]]:
-        return [self.propose(np.asarray(r.prompt + r.output, np.int32), k) if k else [] for r, k in zip(
-            requests, ks, strict=True)]
+        return [self.propose(self._context(r), k) if k else [] for r, k in zip(requests, ks, strict=True)]
+
+    def _context(self, request: Any) -> np.ndarray:
+        held = self._contexts.get(request)
+        if held is None or len(held) < len(request.prompt):
+            held = np.asarray(request.prompt, np.int32)
+        new = request.output[len(held) - len(request.prompt):]
+        if new:
+            held = np.concatenate([held, np.asarray(new, np.int32)])
+        self._contexts[request] = held
+        return held
 
     def propose(self, context: np.ndarray, k: int) -> list[int]:
+        draft: list[int] = []
+        while len(draft) < k:
+            more, matched = self._lookup(context, k - len(draft))
+            if not more:
+                break
+            if not draft:  # at most twice as many tokens as the match is long: a short match is a weak cue
+                k = min(k, 2 * matched)
+                more = more[:k]
+            draft += more
+            context = np.concatenate([context, np.asarray(more, context.dtype)])
+        return draft
+
+    def _lookup(self, context: np.ndarray, k: int) -> tuple[list[int], int]:
+        """The k tokens (or fewer, at the context's end) after the latest earlier occurrence of the longest n-gram
+        that ends the context, and how many tokens before them match the context's end (the n-gram, and on; counted
+        up to k)."""
         n_ctx = len(context)
         for n in range(min(self.ngram, n_ctx - 1), min(self.MIN_NGRAM, self.ngram) - 1, -1):
-            tail = context[n_ctx - n:]
             # Candidate starts whose n-gram ends before the tail: each has at least one token after it.
-            starts = np.flatnonzero(context[: n_ctx - n] == tail[0])
-            for i in starts[::-1]:
-                if np.array_equal(context[i: i + n], tail):
-                    return context[i + n: i + n + k].tolist()
-        return []
+            match = context[: n_ctx - n] == context[n_ctx - n]
+            for j in range(1, n):
+                match &= context[j: n_ctx - n + j] == context[n_ctx - n + j]
+            starts = np.flatnonzero(match)
+            if len(starts):
+                i, matched = int(starts[-1]), n
+                while matched < min(i + n, k) and context[i + n - 1 - matched] == context[n_ctx - 1 - matched]:
+                    matched += 1
+                return context[i + n: i + n + k].tolist(), matched
+        return [], 0
 
 
 @dataclasses.dataclass
 class DraftBudget:
-    """What a row's drafts are worth, from how they fared: `acceptance`, an estimate of the chance that a drafted
-    token is kept (a running mean of each verify's kept run against where it broke off), gives the tokens a draft
-    of d is expected to bring, 1 + a + a^2 + ... + a^d. A row whose drafts are kept drafts on; one whose drafts
-    bring too little is left to plain decoding (the scheduler's choice); after MISSES_TO_PAUSE verify steps in a
-    row that kept none of its draft, it stops drafting for `pause` decode calls, a pause that doubles each time
-    (up to MAX_PAUSE) until a draft is kept again, and then starts again from the first estimate."""
+    """How much a row drafts, from how its drafts fared. The draft length climbs a ladder (`lengths`: one less than
+    the verify widths, e.g. 1, 3, 7, 31): a row starts at the first rung, a cheap probe, and climbs a rung each time its
+    whole draft is kept (prompt lookup's drafts, once kept, tend to go on being kept: a copy or a loop); a draft kept
+    in part steps down a rung. A draft refused outright pauses drafting for `pause` decode calls, a pause that
+    doubles with each refusal in a row (up to MAX_PAUSE), and the row starts again from the first rung. Short pauses
+    suffice: a refused probe costs little (its verify step runs a decode block's steps after it), and a long one
+    would miss the start of a repetition."""
 
-    acceptance: float = 0.8
-    misses: int = 0
+    lengths: tuple[int, ...] = (1,)
+    rung: int = 0
     paused: int = 0  # decode calls left without drafting
-    pause: int = 4
+    pause: int = 1
 
-    FIRST_ACCEPTANCE = 0.8
-    MEMORY = 0.7  # the weight of the past in the running mean
-    RECOVERY = 0.1
-    MISSES_TO_PAUSE = 1
-    MAX_PAUSE = 64
+    FIRST_PAUSE = 1
+    MAX_PAUSE = 8
+
+    @property
+    def length(self) -> int:
+        """The draft length the row asks for now."""
+        return self.lengths[self.rung]
 
     def drafting(self) -> bool:
         """Whether the row drafts at this decode call (a paused call counts towards the pause)."""
@@ -216,43 +304,45 @@ class DraftBudget:
             return False
         return True
 
-    def skipped(self) -> None:
-        """The row's draft was not verified (it was not worth a step): the estimate drifts back to the first one,
-        so that a row is tried again after a while rather than never."""
-        self.acceptance += self.RECOVERY * (self.FIRST_ACCEPTANCE - self.acceptance)
-
-    def expected_tokens(self, drafted: int) -> float:
-        """The tokens a verify step is expected to bring the row with a draft of `drafted` tokens."""
-        return sum(self.acceptance ** i for i in range(drafted + 1))
-
     def record(self, drafted: int, accepted: int) -> None:
-        rate = 1.0 if accepted == drafted else accepted / (accepted + 1)
-        self.acceptance = self.MEMORY * self.acceptance + (1 - self.MEMORY) * rate
-        if accepted:
-            self.misses, self.pause = 0, 4
+        if accepted == 0:
+            self.paused, self.pause = self.pause, min(2 * self.pause, self.MAX_PAUSE)
+            self.rung = 0
             return
-        self.misses += 1
-        if self.misses >= self.MISSES_TO_PAUSE:
-            self.misses, self.paused, self.pause = 0, self.pause, min(2 * self.pause, self.MAX_PAUSE)
-            self.acceptance = self.FIRST_ACCEPTANCE
+        self.pause = self.FIRST_PAUSE
+        if accepted == drafted:
+            if drafted >= self.length:  # a draft cut short (by the lookup or the room) proves less
+                self.rung = min(self.rung + 1, len(self.lengths) - 1)
+        else:
+            self.rung = max(self.rung - 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding settings: the method (one of METHODS), the most tokens drafted per step, the n-gram
-    size (for "ngram")."""
+    """Speculative decoding settings: the method (one of METHODS), the most tokens drafted per step (None: the
+    method's default, DEFAULT_DRAFT_TOKENS), the n-gram size (for "ngram")."""
 
     method: str = "ngram"
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS
+    draft_tokens: int | None = None
     ngram: int = DEFAULT_NGRAM
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"speculative must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.draft_tokens is None:
+            object.__setattr__(self, "draft_tokens", DEFAULT_DRAFT_TOKENS[self.method])
         if not isinstance(self.draft_tokens, int) or self.draft_tokens < 1:
             raise ConfigError(f"draft_tokens must be an integer >= 1, got {self.draft_tokens!r}")
         if not isinstance(self.ngram, int) or self.ngram < 1:
             raise ConfigError(f"ngram must be an integer >= 1, got {self.ngram!r}")
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The draft lengths a row climbs (DraftBudget): one less than each verify width for prompt lookup, whose
+        drafts cost nothing to make; a draft model drafts draft_tokens tokens in each of its steps anyway."""
+        if self.method == "draft_model":
+            return (self.draft_tokens,)
+        return tuple(w - 1 for w in verify_widths(self.draft_tokens))
 
 
 class Speculator:
@@ -268,31 +358,24 @@ class Speculator:
 
     def budget(self, request: Any) -> DraftBudget:
         if request not in self._budgets:
-            self._budgets[request] = DraftBudget()
+            self._budgets[request] = DraftBudget(self.config.lengths)
         return self._budgets[request]
 
-    def drafts(self, requests: Sequence[Any], rooms: Sequence[int], decode_steps: int) -> list[list[int]] | None:
-        """Each request's draft for a verify step (at most its room tokens; [] for None and rows that do not
-        draft now), or None when a decode block of decode_steps tokens a row is expected to bring more tokens than
-        the verify step (which brings a row without a draft one token): then no row speculates at this call. Nothing
-        is drafted when even drafts of the full length would not pay (a draft model's step saved)."""
-        ks = [min(room, self.config.draft_tokens) if request is not None else 0
+    def drafts(self, requests: Sequence[Any], rooms: Sequence[int]) -> list[list[int]] | None:
+        """Each request's draft for a verify step (at most its room tokens and its budget's length; [] for None and
+        rows that do not draft now), or None when no row has a draft: then the caller runs a decode block."""
+        ks = [min(room, self.budget(request).length) if request is not None else 0
               for request, room in zip(requests, rooms, strict=True)]
         ks = [k if k > 0 and self.budget(request).drafting() else 0 for request, k in zip(requests, ks, strict=True)]
-        drafts = [[0] * k for k in ks]  # as long as can be, first
-        if any(ks) and self._gain(requests, drafts, decode_steps) > 0:
-            drafts = self.drafter.draft(requests, ks)
-            if any(drafts) and self._gain(requests, drafts, decode_steps) > 0:
-                return drafts
-        for request, draft in zip(requests, drafts, strict=True):
-            if draft:
-                self.budget(request).skipped()
-        return None
-
-    def _gain(self, requests: Sequence[Any], drafts: Sequence[list[int]], decode_steps: int) -> float:
-        """The tokens a verify step with these drafts is expected to bring beyond a decode block, at its cost."""
-        return sum(self.budget(r).expected_tokens(len(d)) - VERIFY_COST * decode_steps
-                   for r, d in zip(requests, drafts, strict=True) if r is not None)
+        if not any(ks):
+            return None
+        drafts = self.drafter.draft(requests, ks)
+        # A draft shorter than asked for (the drafter's cue ran short) is cut to the longest of the lengths it holds:
+        # a step's width is that length's, and tokens the drafter was unsure of would cost more than they bring.
+        lengths = self.config.lengths
+        drafts = [d if len(d) == k else d[: max((n for n in lengths if n <= len(d)), default=0)]
+                  for d, k in zip(drafts, ks, strict=True)]
+        return drafts if any(drafts) else None
 
     def record(self, request: Any, drafted: int, accepted: int) -> None:
         self.drafted_tokens += drafted

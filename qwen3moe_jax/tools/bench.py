@@ -191,8 +191,9 @@ def run_bench(
             """run(*args) once to compile what the timed runs use; note the compile time of each step it compiled."""
             mark = len(log.events)
             run(*args)
-            for step, label in (("prefill_chunk", prefill_label), ("decode_block", decode_label)):
-                if label and (seconds := log.seconds(step, mark)):
+            # A speculative model's decode runs verify steps too (runtime/speculative.py): their compiles count there.
+            for steps, label in ((("prefill_chunk",), prefill_label), (("decode_block", "verify_block"), decode_label)):
+                if label and (seconds := sum(log.seconds(step, mark) for step in steps)):
                     compile_s[label] = seconds
 
         def timed(run: Callable, *args: Any) -> list:
@@ -229,6 +230,9 @@ def run_bench(
         ttft = statistics.median(u.time_to_first_token_s for u in usages)
         decode = [Decode(1, "Model.stream", statistics.median(u.decode_tokens_per_s for u in usages))]
 
+        if batch_sizes and model.speculative is not None:
+            notes.append(f"speculative decoding ({model.speculative.method}) in the batch-1 request only: the batch "
+                         "rows run plain decode blocks on an engine of their own")
         for batch in batch_sizes:
             # One batch engine at a time, dropped before the next: its KV cache is batch times the model's.
             batch_engine = Engine(model.params, model.config, cache_len, batch, model.mesh, model.engine.chunk_size,

@@ -52,8 +52,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", choices=("ngram",), default=None,
                    help="speculative decoding: ngram drafts by prompt lookup, verified with the same tokens as without "
                         "(default: off)")
-    p.add_argument("--draft-tokens", type=_at_least(1), default=DEFAULT_DRAFT_TOKENS,
-                   help="with --speculative: the most tokens drafted per step (default: %(default)s)")
+    p.add_argument("--draft-tokens", type=_at_least(1), default=None,
+                   help="with --speculative or --draft-model: the most tokens drafted per step (default: "
+                        f"{DEFAULT_DRAFT_TOKENS['ngram']} for ngram, {DEFAULT_DRAFT_TOKENS['draft_model']} with a "
+                        "draft model)")
     p.add_argument("--ngram", type=_at_least(1), default=DEFAULT_NGRAM,
                    help="with --speculative ngram: the longest n-gram looked up (default: %(default)s)")
     p.add_argument("--draft-model", default=None, metavar="PATH",

@@ -16,7 +16,7 @@ from qwen3moe_jax.io.tokenizer import Tokenizer
 from qwen3moe_jax.runtime.draft_model import ModelDrafter
 from qwen3moe_jax.runtime.speculative import SpeculativeConfig
 from qwen3moe_jax.tools.cli import build_model, build_parser
-from tests.runtime.test_speculative import REPEATING
+from tests.runtime.test_speculative import REPEATING, programs_run
 
 PROMPTS = [REPEATING, "def fibonacci(n):\n", "The file is read once."]
 # One decode step per call (a verify step pays whenever a row drafts), chunks of 16 (a new request's draft cache
@@ -62,6 +62,23 @@ def test_a_small_dense_draft_keeps_greedy_and_seeded_tokens(plain, tmp_path):
     got = spec.complete_batch(PROMPTS, cases)
     assert [c.token_ids for c in got] == [c.token_ids for c in plain.complete_batch(PROMPTS, cases)]
     assert spec.scheduler.speculator.drafted_tokens > 0
+
+
+def test_warm_up_runs_the_draft_models_programs(plain):
+    """The target's warm-up runs the draft model's programs too (its prompt chunks and its draft steps of each feed
+    width), so that a server compiles them before it serves: every one a request runs was run at warm-up."""
+    spec = qj.load(progress=False, **SPECULATIVE, draft_model=plain)
+    draft_engine = spec.scheduler.speculator.drafter.engine
+    assert spec.engine.draft_engine is draft_engine
+    with programs_run(draft_engine) as warmup:
+        steps = spec.engine.warmup_steps(64, 32, all_buckets=True)
+        for _, compile_step in steps:
+            compile_step()
+    assert any(what.startswith("draft model: draft 3 after 8 fed") for what, _ in steps)
+    with programs_run(draft_engine) as requests:
+        spec.complete_batch(PROMPTS, qj.SamplingParams(max_new_tokens=24))
+    assert {name for name, _ in requests} == {"draft_block", "prefill_chunk"}
+    assert requests <= warmup
 
 
 def test_serve_and_generate_take_a_draft_model_path():

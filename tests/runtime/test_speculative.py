@@ -4,9 +4,13 @@ follow the target's distribution (chi-square on a tiny vocabulary), the n-gram d
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,10 +24,10 @@ REPEATING = ("class Connection:\n    def __init__(self, host, port, user):\n    
 
 @pytest.fixture(scope="module")
 def models():
-    """The bundled model plain and with prompt lookup, 3 rows each. With one decode step per call, a verify step
-    pays whenever a row has a draft, so rows speculate beside rows that do not."""
+    """The bundled model plain and with prompt lookup, 3 rows each; two decode steps per call (a verify step runs one
+    decode step after its verify round, or none: SpeculativeEngine.tail), to keep the compiles few."""
     return (qj.load(progress=False, max_batch=3),
-            qj.load(progress=False, max_batch=3, decode_steps=1, speculative="ngram"))
+            qj.load(progress=False, max_batch=3, decode_steps=2, speculative="ngram"))
 
 
 def _result(c: qj.Completion):
@@ -59,21 +63,77 @@ def test_greedy_seeded_penalised_stopped_and_constrained_requests_keep_their_tok
 
 
 def test_greedy_tokens_equal_plain_decoding_on_varied_prompts(models):
+    """One row at a time (the wide, hot verify steps without decode steps after them), then all together."""
     plain, spec = models
     prompts = [REPEATING, "def fibonacci(n):\n", "    if not isinstance(value, str):\n        raise",
                "# Copyright 2001 Python Software Foundation\n", "for i in range(10):\n    print(i)\n" * 3]
-    for prompt in prompts:
-        assert spec.generate(prompt, 64) == plain.generate(prompt, 64), prompt
+    widths = collections.Counter()
+    verify = spec.engine.verify
+    spec.engine.verify = lambda drafts, tail, **kw: widths.update([(spec.engine.width(drafts), tail)]) or verify(
+        drafts=drafts, tail=tail, **kw)
+    try:
+        for prompt in prompts:
+            assert spec.generate(prompt, 96) == plain.generate(prompt, 96), prompt
+    finally:
+        spec.engine.verify = verify
+    assert {(2, 1), (32, 0)} <= set(widths)  # probes with a decode step after them, and whole loops drafted
+    sampling = qj.SamplingParams(max_new_tokens=64)
+    assert [c.token_ids for c in spec.complete_batch(prompts, sampling)] == \
+        [c.token_ids for c in plain.complete_batch(prompts, sampling)]
+
+
+def test_a_verify_step_runs_decode_steps_after_it_unless_every_row_is_hot_or_one_is_constrained(models):
+    engine = models[1].engine
+    assert engine.widths == [2, 4, 8, 32] and engine.decode_steps == 2
+    assert engine.tail([[5]], [True], constrained=False) == 1
+    assert engine.tail([[5] * 31, [], []], [True, False, False], constrained=False) == 0
+    assert engine.tail([[5] * 31, []], [True, True], constrained=False) == 1  # a row without a draft
+    assert engine.tail([[5] * 7], [True], constrained=False) == 1
+    assert engine.tail([[5], []], [True, True], constrained=True) == 0
+
+
+@contextlib.contextmanager
+def programs_run(engine) -> Iterator[set]:
+    """The set of (step, static arguments and shapes) that `engine` runs while the context is entered."""
+    seen: set = set()
+    run = engine._run
+
+    def recording(step, *args):
+        leaves = jax.tree.leaves(args, is_leaf=lambda x: x is None)
+        seen.add((step.__name__, tuple(a if isinstance(a, int | str | None) else np.shape(a) for a in leaves)))
+        return run(step, *args)
+
+    engine._run = recording
+    try:
+        yield seen
+    finally:
+        engine._run = run
+
+
+def test_warm_up_runs_every_verify_step_requests_run(models):
+    """Every verify step the scheduler runs for requests (of each width and tail: constrained and free rows
+    together) has the shapes and static arguments of one that the engine's warm-up ran."""
+    spec = models[1]
+    with programs_run(spec.engine) as warmup:
+        spec.engine.warmup(128, 96, all_buckets=True)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    with programs_run(spec.engine) as requests:
+        spec.complete_batch([REPEATING, "x = ", "def add(a, b):\n"], [
+            qj.SamplingParams(max_new_tokens=60), qj.SamplingParams(max_new_tokens=12, json_schema=schema),
+            qj.SamplingParams(max_new_tokens=20, temperature=0.8, seed=1)])
+    verify = {program for program in requests if program[0] == "verify_block"}
+    assert len(verify) >= 3 and {args[-1] for _, args in verify} == {0, 1}  # widths, and both tails
+    assert verify <= warmup
 
 
 class _FixedDrafter:
     """Drafts `token` k times: a point-mass draft that is sometimes right and sometimes wrong."""
 
-    def __init__(self, token: int):
-        self.token = token
+    def __init__(self, token: int, most: int | None = None):
+        self.token, self.most = token, most
 
     def draft(self, requests, ks) -> list[list[int]]:
-        return [[self.token] * k for k in ks]
+        return [[self.token] * min(k, self.most or k) for k in ks]
 
 
 def test_sampled_tokens_follow_the_target_distribution_chi_square():
@@ -125,24 +185,34 @@ def test_ngram_drafter_continues_the_latest_match_of_the_longest_ngram():
     assert drafter.propose(np.array([5, 6, 7, 5, 6]), 3) == [7, 5, 6]  # only "5 6" matches: what followed it
     assert drafter.propose(np.array([5, 6, 7, 6]), 3) == []  # one token is too weak a cue
     assert drafter.propose(np.array([1, 2, 3]), 4) == []
+    # A loop: the match is the text just before, and the draft goes on past the context's end, around the loop, as
+    # far as twice the length of the match (3 tokens, then 8).
+    assert drafter.propose(np.array([9, 1, 2, 3, 1, 2, 3]), 8) == [1, 2, 3, 1, 2, 3]
+    assert drafter.propose(np.array([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 3]), 12) == [9, 1, 2, 3] * 3
 
 
-def test_a_row_whose_drafts_fail_backs_off_and_one_whose_drafts_hold_keeps_drafting():
-    budget = DraftBudget()
-    for _ in range(DraftBudget.MISSES_TO_PAUSE):
-        assert budget.drafting()
-        budget.record(drafted=7, accepted=0)
-    paused = [budget.drafting() for _ in range(4)]
-    assert paused == [False] * 4  # a pause of 4 decode calls
-    for _ in range(DraftBudget.MISSES_TO_PAUSE):
-        budget.record(drafted=7, accepted=0)
-    assert sum(not budget.drafting() for _ in range(12)) == 8  # the next pause is twice as long
-    good = DraftBudget()
-    for _ in range(5):
-        good.record(drafted=7, accepted=7)
-    assert good.expected_tokens(7) > 7 and good.drafting()
+def test_a_row_climbs_the_draft_lengths_while_its_drafts_are_kept_and_pauses_when_refused():
+    budget = DraftBudget((1, 3, 7, 31))
+    assert budget.length == 1  # a probe first
+    for longer in (3, 7, 31, 31):
+        budget.record(drafted=budget.length, accepted=budget.length)
+        assert budget.length == longer
+    budget.record(drafted=31, accepted=10)  # kept in part: a rung down
+    assert budget.length == 7 and budget.drafting()
+    budget.record(drafted=5, accepted=5)  # a draft cut short and kept whole proves less: the same rung
+    assert budget.length == 7
+    budget.record(drafted=7, accepted=0)  # refused outright: a pause of one decode call, then a probe again
+    assert budget.length == 1
+    assert [budget.drafting() for _ in range(2)] == [False, True]
+    budget.record(drafted=1, accepted=0)
+    assert [budget.drafting() for _ in range(3)] == [False, False, True]  # the next pause is twice as long
+    for _ in range(6):
+        budget.record(drafted=1, accepted=0)
+    assert budget.paused == DraftBudget.MAX_PAUSE
+    budget.paused = 0
+    budget.record(drafted=1, accepted=1)
+    assert budget.pause == DraftBudget.FIRST_PAUSE and budget.length == 3
 
-    # A verify step is run only where the drafts are expected to bring more than a decode block.
     speculator = Speculator(SpeculativeConfig(draft_tokens=7))
     speculator.drafter = _FixedDrafter(3)
 
@@ -152,15 +222,27 @@ def test_a_row_whose_drafts_fail_backs_off_and_one_whose_drafts_hold_keeps_draft
         output: list
 
     row = Row([1, 2], [])
-    assert speculator.drafts([row], [7], decode_steps=4) == [[3] * 7]
-    assert speculator.drafts([row], [1], decode_steps=4) is None  # one token of room: a decode block brings more
-    speculator.budget(row).acceptance = 0.2
-    assert speculator.drafts([row], [7], decode_steps=4) is None
+    assert speculator.drafts([row], [7]) == [[3]]
+    speculator.drafter = _FixedDrafter(3, most=2)
+    speculator.budget(row).rung = 2
+    assert speculator.drafts([row], [7]) == [[3]]  # a draft cut short by the drafter: to the length below
+    speculator.budget(row).rung = 0
+    speculator.drafter = _FixedDrafter(3)
+    speculator.record(row, drafted=1, accepted=1)
+    assert speculator.drafts([row, None], [7, 0]) == [[3, 3, 3], []]
+    assert speculator.drafts([row], [2]) == [[3, 3]]  # no further than its room
+    assert speculator.drafts([row], [0]) is None  # no row drafts: the caller runs a decode block
+    speculator.record(row, drafted=3, accepted=0)
+    assert speculator.drafts([row], [7]) is None  # paused
+    assert speculator.drafts([row], [7]) == [[3]]
+    assert (speculator.drafted_tokens, speculator.accepted_tokens) == (4, 1)
 
 
 def test_bad_speculative_settings_are_config_errors():
     for bad in (dict(method="medusa"), dict(draft_tokens=0), dict(ngram=0)):
         with pytest.raises(ConfigError):
             SpeculativeConfig(**bad)
+    assert SpeculativeConfig().draft_tokens == 31 and SpeculativeConfig().lengths == (1, 3, 7, 31)
+    assert SpeculativeConfig("draft_model").draft_tokens == 7 and SpeculativeConfig("draft_model").lengths == (7,)
     with pytest.raises(ConfigError):
         qj.random_model("tiny", speculative="nope")
