@@ -101,11 +101,11 @@ def _logits(params, tokens, config, kv_dtype):
 def test_int8_cache_keeps_the_greedy_tokens_of_the_float_cache(bundled):
     """Done-when of issue 35: at least 90% of greedy tokens kept on varied prompts. Along the float cache's greedy
     path (each prompt's 48 tokens), the int8 cache's argmax is the float cache's token at >= 98% of positions, with
-    its logit error (0.0056 measured; 0.0064 without the key rotation). Free-running, each prompt's two greedy
+    its logit error (mean 0.0066 measured; 0.0083 without the key rotation). Free-running, each prompt's two greedy
     continuations are compared position by position: after a divergence they continue from different texts, so
     this counts nearly every later token as lost; each divergence comes where the float cache's two best tokens are
-    within a small margin (a near-tie). Measured 85.6% here (83.9% without the key rotation): these twelve prompts
-    miss the 90%; over 388 held-out prompts (scripts/kv_int8_drift.py) the figure is above it."""
+    within a small margin (a near-tie). Measured 92.7% (84.7% without the key rotation; on the 256-position bundled
+    model 85.6% and 83.9%); scripts/kv_int8_drift.py measures the same over 388 held-out prompts."""
     model, int8 = bundled
     same = total = agree = 0
     errors, margins = [], []
@@ -129,8 +129,8 @@ def test_int8_cache_keeps_the_greedy_tokens_of_the_float_cache(bundled):
           f"top-1 {agree / total:.1%}, mean |logit error| {errors.mean():.4f}, max {errors.max():.3f}; free-running "
           f"{same / total:.1%} of tokens equal, {len(margins)} divergences at float top-2 margins "
           f"{[round(m, 3) for m in margins]}")
-    assert agree / total >= 0.98 and errors.mean() < 0.006
-    assert same / total >= 0.85 and all(m < 0.25 for m in margins)
+    assert agree / total >= 0.98 and errors.mean() < 0.0075
+    assert same / total >= 0.9 and all(m < 0.25 for m in margins)
 
 
 def test_int8_cache_decode_equals_its_one_pass_logits(bundled):
