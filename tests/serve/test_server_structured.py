@@ -41,8 +41,8 @@ WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def client():
-    # Tools are long prompts for the bundled model's tokenizer (about 100 tokens each): a KV cache past its
-    # 256-token context leaves room for them and the calls.
+    # Tools are long prompts for the bundled model's tokenizer (about 100 tokens each): a KV cache of 512 tokens
+    # leaves room for them and the calls.
     with running_server("--warmup-tokens", "16", "--max-seq-len", "512", preset=None) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
