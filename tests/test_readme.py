@@ -119,6 +119,7 @@ def test_python_block_against_the_server(code, server, capsys):
 
 
 def test_the_server_says_what_it_compiles(server):
-    # --warmup-tokens 16: one prefill chunk shape, then decode for the bundled model's one window (256).
-    assert re.fullmatch(r"\[compile 1/2\] prefill chunk 16 \(window 256\) \.\.\. \d+\.\ds.*\n", server[1][-2])
-    assert re.fullmatch(r"\[compile 2/2\] decode window 256 \.\.\. \d+\.\ds.*\n", server[1][-1])
+    # --warmup-tokens 16: one prefill chunk shape, then decode for each window of the bundled model's 2,048 positions.
+    assert re.fullmatch(r"\[compile 1/5\] prefill chunk 16 \(window 256\) \.\.\. \d+\.\ds.*\n", server[1][-5])
+    for i, window in enumerate((256, 512, 1024, 2048), 2):
+        assert re.fullmatch(rf"\[compile {i}/5\] decode window {window} \.\.\. \d+\.\ds.*\n", server[1][i - 6])

@@ -2,16 +2,19 @@
 
 The cache is kept in the model's compute dtype, or with kv_dtype "int8" as int8 values with one float16 scale per
 token and head (symmetric, absmax / 127 over head_dim): half the bytes of bfloat16, plus 2 bytes per token and head
-(1.6% at head_dim 128). Keys and values are quantized as they are written (`quantize_kv`); attention applies the
-scales to its scores and probabilities rather than writing a dequantized copy of the window (transformer.attend).
+(1.6% at head_dim 128). Keys and values are quantized as they are written (`quantize_kv`), the keys rotated first by
+a fixed orthogonal matrix (`key_rotation`, queries alike, so q.k is unchanged); attention applies the scales to its
+scores and probabilities rather than writing a dequantized copy of the window (transformer.attend).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from qwen3moe_jax.errors import ConfigError, ContextLengthError
@@ -94,6 +97,36 @@ def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scale = jnp.minimum(jnp.max(jnp.abs(xf), axis=-1) / 127, jnp.finfo(SCALE_DTYPE).max).astype(SCALE_DTYPE)
     divisor = jnp.where(scale == 0, 1, scale.astype(jnp.float32))[..., None]  # a zero vector stays zero
     return jnp.clip(jnp.round(xf / divisor), -127, 127).astype(jnp.int8), scale
+
+
+@cache
+def key_rotation(head_dim: int) -> np.ndarray:
+    """The orthogonal [head_dim, head_dim] float32 matrix R an int8 cache rotates keys and queries by (k @ R, q @ R)
+    before the keys are quantized: fixed random signs, then a normalised Walsh-Hadamard transform (Sylvester's
+    construction; a block-diagonal one over the powers of two that sum to head_dim when it is not one). R R^T = I, so
+    q.k is unchanged, while a key whose magnitude sits in a few channels (after the k norm and the rotary, the fast
+    rotary channels are several times the others) is spread over all of them: its absmax, and with it the int8 step,
+    shrinks. The rotation of QuaRot's and SpinQuant's KV caches; the signs keep a key's mean away from one channel."""
+    blocks, left = [], head_dim
+    while left:
+        size = 1 << (left.bit_length() - 1)
+        h = np.ones((1, 1))
+        while len(h) < size:
+            h = np.block([[h, h], [h, -h]])
+        blocks.append(h / np.sqrt(size))
+        left -= size
+    rotation, at = np.zeros((head_dim, head_dim)), 0
+    for block in blocks:
+        rotation[at : at + len(block), at : at + len(block)] = block
+        at += len(block)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], head_dim)
+    return (signs[:, None] * rotation).astype(np.float32)
+
+
+def rotate_keys(x: jax.Array) -> jax.Array:
+    """x [..., head_dim] (keys or queries) times key_rotation, in float32, back in x's dtype."""
+    rotation = jnp.asarray(key_rotation(x.shape[-1]))
+    return jnp.matmul(x.astype(jnp.float32), rotation, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
 def bytes_per_token(config: ModelConfig, dtype: Any, kv_dtype: str = "model") -> int:

@@ -16,7 +16,10 @@ A trained model's context is extended by tuning it further at a longer length fr
 tokenizer, and YaRN over the context it was trained at (the bundled model's 2,048 positions, from 256):
 
     python scripts/train_small.py --out runs/long --init model.gguf --yarn-factor 8 --seq-len 2048 --batch-size 2 \
-        --steps 160 --peak-lr 1e-3 --warmup-steps 10
+        --mix-seq-len 256 --steps 140 --peak-lr 5e-4 --warmup-steps 10
+
+--mix-seq-len 256 alternates steps of 2,048- and 256-token windows, so the model keeps its short context as it learns
+the long one (the bundled file: 140 such steps in three resumed runs, bundled/qwen3-moe-pystdlib-context-2048.json).
 """
 
 from __future__ import annotations
@@ -69,6 +72,15 @@ class TrainConfig:
     # Qwen3-MoE's config uses 0.001; a model this small balances its experts poorly with so little.
     aux_loss_coef: float = 0.01
     seed: int = 0
+    # Every other step, windows of this length instead (as many tokens a step), so a model tuned to a longer
+    # context keeps training at its first one.
+    mix_seq_len: int | None = None
+
+    def window(self, step: int) -> tuple[int, int]:
+        """(windows, tokens in each) of the batch at `step`."""
+        if self.mix_seq_len is None or step % 2 == 0:
+            return self.batch_size, self.seq_len
+        return self.batch_size * self.seq_len // self.mix_seq_len, self.mix_seq_len
 
 
 # The bundled model's shape: Qwen3-MoE's layout (GQA, q/k norms, every layer sparse, top-k weights
@@ -268,7 +280,7 @@ def train(corpus: Path, out: Path, tc: TrainConfig, vocab_size: int, shape: dict
     bar = tqdm(range(first_step, tc.steps), initial=first_step, total=tc.steps, desc="training", unit="step",
                file=sys.stderr)
     for step in bar:
-        windows = jnp.asarray(batch_windows(train_ids, tc.seed, step, tc.batch_size, tc.seq_len))
+        windows = jnp.asarray(batch_windows(train_ids, tc.seed, step, *tc.window(step)))
         params, opt_state, stats = train_step(params, opt_state, windows, config, optimizer, tc.aux_loss_coef)
         evaluating = (step + 1) % eval_every == 0
         if (step + 1) % 10 == 0 or step + 1 == tc.steps or evaluating:  # reading stats waits for the step
@@ -343,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--mix-seq-len", type=int, help="every other step, windows of this length (as many tokens)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--stop-after", type=int, help="checkpoint and stop after this step (continue with --resume)")
@@ -358,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps ({args.warmup_steps}) must be below --steps ({args.steps})")
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, peak_lr=args.peak_lr,
-                     warmup_steps=args.warmup_steps, aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+                     warmup_steps=args.warmup_steps, aux_loss_coef=args.aux_loss_coef, seed=args.seed,
+                     mix_seq_len=args.mix_seq_len)
     shape = {name: getattr(args, name) for name in DEFAULT_SHAPE}
     train(args.corpus, args.out, tc, args.vocab_size, shape, args.resume, args.export, args.qtype,
           args.checkpoint_every, args.eval_every, args.stop_after, args.init, args.yarn_factor)

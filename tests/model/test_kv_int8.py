@@ -1,5 +1,6 @@
-"""The int8 KV cache: int8 keys and values with a float16 scale per token and head, quantized as they are written.
-Against the float cache on the bundled model: greedy tokens kept, logit drift, half the bytes of bfloat16."""
+"""The int8 KV cache: int8 keys and values with a float16 scale per token and head, quantized as they are written, the
+keys (and queries) rotated by a fixed orthogonal matrix first. Against the float cache on the bundled model: greedy
+tokens kept, logit drift, half the bytes of bfloat16."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 
 import qwen3moe_jax as qj
-from qwen3moe_jax.model.cache import KVCache, bytes_per_token, check_cache_fits, quantize_kv
+from qwen3moe_jax.model.cache import KVCache, bytes_per_token, check_cache_fits, key_rotation, quantize_kv, rotate_keys
 from qwen3moe_jax.model.transformer import forward, lm_logits
 
 # Varied prompts: code of several kinds, prose, a chat turn, numbers, whitespace.
@@ -35,6 +37,41 @@ def test_quantize_kv_rounds_each_vector_to_within_half_a_step():
     step = np.asarray(scale, np.float32)[..., None]
     assert np.all(np.abs(np.asarray(back - x)) <= step / 2 + 1e-7)
     assert np.abs(np.asarray(values)).max() == 127 and not np.asarray(back[0, 0, 0]).any()
+
+
+@pytest.mark.parametrize("head_dim", [32, 128, 96])
+def test_key_rotation_is_orthogonal_and_keeps_every_score(head_dim):
+    """R R^T = I, so q.k = (q R).(k R); at a power of two, R is a Walsh-Hadamard matrix (scipy's, Sylvester's
+    construction) with each row's sign flipped or not, every entry +-1/sqrt(head_dim); otherwise one on each
+    power-of-two block of the diagonal (96 = 64 + 32)."""
+    r = key_rotation(head_dim).astype(np.float64)
+    np.testing.assert_allclose(r @ r.T, np.eye(head_dim), atol=1e-6)
+    blocks = [head_dim] if head_dim & (head_dim - 1) == 0 else [64, 32]
+    hadamard = scipy.linalg.block_diag(*(scipy.linalg.hadamard(n) / np.sqrt(n) for n in blocks))
+    signs = np.sign(r[np.arange(head_dim), np.argmax(np.abs(hadamard), axis=1)])
+    np.testing.assert_allclose(r, signs[:, None] * hadamard, atol=1e-7)
+    assert 0 < (signs < 0).sum() < head_dim
+    q, k = jax.random.normal(jax.random.key(1), (2, 5, head_dim)) * 3
+    np.testing.assert_allclose(jnp.sum(rotate_keys(q) * rotate_keys(k), -1), jnp.sum(q * k, -1), rtol=1e-5)
+
+
+def test_rotated_keys_lose_less_to_int8_where_one_channel_dominates():
+    """A key whose magnitude sits in one channel (20x the others) sets a coarse int8 step for every other channel;
+    rotated, its magnitude is spread over all of them: the scores' error over random queries falls by more than 3x.
+    Keys without such a channel lose about as much either way."""
+    q, k = jax.random.normal(jax.random.key(2), (2, 512, 32))
+
+    def score_error(keys):
+        plain = q @ keys.T
+        for rotate in (lambda x: x, rotate_keys):
+            values, scale = quantize_kv(rotate(keys))
+            back = values.astype(jnp.float32) * scale.astype(jnp.float32)[:, None]
+            yield float(jnp.sqrt(jnp.mean((rotate(q) @ back.T - plain) ** 2)))
+
+    unrotated, rotated = score_error(k.at[:, 5].multiply(20))
+    assert rotated < unrotated / 3
+    unrotated, rotated = score_error(k)
+    assert 0.7 < rotated / unrotated < 1.3
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +100,12 @@ def _logits(params, tokens, config, kv_dtype):
 
 def test_int8_cache_keeps_the_greedy_tokens_of_the_float_cache(bundled):
     """Done-when of issue 35: at least 90% of greedy tokens kept on varied prompts. Along the float cache's greedy
-    path (each prompt's 48 tokens), the int8 cache's argmax is the float cache's token at >= 95% of positions, with
-    its logit error. Free-running, each prompt's two greedy continuations are compared position by position: after
-    a divergence they continue from different texts, so this counts every later token as lost; each divergence
-    comes where the float cache's two best tokens are within a small margin (a near-tie)."""
+    path (each prompt's 48 tokens), the int8 cache's argmax is the float cache's token at >= 98% of positions, with
+    its logit error (mean 0.0066 measured; 0.0083 without the key rotation). Free-running, each prompt's two greedy
+    continuations are compared position by position: after a divergence they continue from different texts, so
+    this counts nearly every later token as lost; each divergence comes where the float cache's two best tokens are
+    within a small margin (a near-tie). Measured 92.7% (84.7% without the key rotation; on the 256-position bundled
+    model 85.6% and 83.9%); scripts/kv_int8_drift.py measures the same over 388 held-out prompts."""
     model, int8 = bundled
     same = total = agree = 0
     errors, margins = [], []
@@ -90,8 +129,8 @@ def test_int8_cache_keeps_the_greedy_tokens_of_the_float_cache(bundled):
           f"top-1 {agree / total:.1%}, mean |logit error| {errors.mean():.4f}, max {errors.max():.3f}; free-running "
           f"{same / total:.1%} of tokens equal, {len(margins)} divergences at float top-2 margins "
           f"{[round(m, 3) for m in margins]}")
-    assert agree / total >= 0.95 and errors.mean() < 0.02
-    assert same / total >= 0.75 and all(m < 0.25 for m in margins)
+    assert agree / total >= 0.98 and errors.mean() < 0.0075
+    assert same / total >= 0.9 and all(m < 0.25 for m in margins)
 
 
 def test_int8_cache_decode_equals_its_one_pass_logits(bundled):

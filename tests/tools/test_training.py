@@ -113,3 +113,10 @@ def test_the_held_out_split_is_by_path_and_about_one_in_twenty():
     share = sum(map(is_held_out, paths)) / len(paths)
     assert 0.03 < share < 0.08
     assert is_held_out(paths[7]) == is_held_out(str(paths[7]))
+
+
+def test_mixed_lengths_alternate_steps_with_as_many_tokens_each():
+    """--mix-seq-len: every other step's batch is windows of the other length, as many tokens in all."""
+    tc = TrainConfig(batch_size=2, seq_len=2048, mix_seq_len=256)
+    assert [tc.window(step) for step in range(4)] == [(2, 2048), (16, 256), (2, 2048), (16, 256)]
+    assert {TrainConfig(batch_size=2, seq_len=2048).window(step) for step in range(4)} == {(2, 2048)}
