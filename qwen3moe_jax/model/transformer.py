@@ -121,9 +121,10 @@ ATTENTION_BLOCK = 256
 
 def attention_window(filled: int, max_len: int) -> int:
     """The cache slots a step reads when `filled` slots (its own tokens included) hold keys: a power of two up to
-    1,024, then four sizes an octave (1,280, 1,536, 1,792, 2,048, 2,560, ...), so a step reads at most a quarter
-    more than it needs, for a few more compiles (a chunk up to 2,560 reads 2,560 slots, not 4,096)."""
-    if filled <= 4 * ATTENTION_BLOCK:
+    2,048 (where a window costs little beside the rest of a step), then four sizes an octave (2,560, 3,072, 3,584,
+    4,096, 5,120, ...), so a long prompt's chunk reads at most a quarter more than it needs (a chunk up to 2,560
+    reads 2,560 slots, not 4,096) for a few more compiles."""
+    if filled <= 8 * ATTENTION_BLOCK:
         return min(max(ATTENTION_BLOCK, 1 << (filled - 1).bit_length()), max_len)
     step = 1 << ((filled - 1).bit_length() - 3)
     return min(-(-filled // step) * step, max_len)

@@ -94,9 +94,9 @@ def test_kv2_warmup_compiles_every_shape_a_request_uses_and_nothing_compiles_aft
     model = qj.load(hf_tiny[0], max_seq_len=600, progress=False, prefill_chunk=64, decode_steps=2)
     engine = model.engine
     assert [attention_window(n, 600) for n in (1, 256, 257, 512, 513)] == [256, 256, 512, 512, 600]
-    # Past 1,024 slots, four windows an octave: a whole number of blocks, at most a quarter more than filled.
-    assert [attention_window(n, 8192) for n in (1024, 1025, 2048, 2049, 2560, 2561, 4097)] == [
-        1024, 1280, 2048, 2560, 2560, 3072, 5120]
+    # Past 2,048 slots, four windows an octave: a whole number of blocks, at most a quarter more than filled.
+    assert [attention_window(n, 8192) for n in (1025, 2048, 2049, 2560, 2561, 4097, 8000)] == [
+        2048, 2048, 2560, 2560, 3072, 5120, 8192]
     # Chunks of a 300-token prompt: 0..63 (window 256), 64, 128, 192 (256), 256 (512).
     assert sorted(engine.chunk_starts(300)) == [(64, 256), (64, 512)]
     assert sorted(engine.chunk_starts(300, all_buckets=True)) == [(16, 256), (32, 256), (64, 256), (64, 512)]
