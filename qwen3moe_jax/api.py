@@ -247,7 +247,7 @@ class Model:
             if add_bos and stride is None:
                 window = [self.config.bos_token_id] + window[1:]
             requests.append(self._scoring_request(window, first, top=0))
-        nlls: list[float] = []
+        nlls: list[float] = []  # in the order the windows finish: Perplexity.of's exact sums do not depend on it
 
         def done(i: int, events: list[Event]) -> None:
             nlls.extend(-s.logprob for s in events[0].prompt_logprobs[requests[i].score_from:])
@@ -255,8 +255,7 @@ class Model:
             bar.set_postfix(ppl=f"{math.exp(math.fsum(nlls) / len(nlls)):.4f}")
 
         with tqdm(total=len(requests), desc="perplexity", unit="window", disable=not progress) as bar:
-            events = run_sharing_prefixes(self.scheduler, requests, done)
-        nlls = [-s.logprob for r, e in zip(requests, events, strict=True) for s in e[0].prompt_logprobs[r.score_from:]]
+            run_sharing_prefixes(self.scheduler, requests, done)
         return Perplexity.of(nlls, len(windows), context, stride)
 
     def constraint(self, sampling: SamplingParams) -> Constraint | None:
