@@ -400,8 +400,8 @@ def load(
     prefix_cache: a request reuses the keys and values of the prompt prefix a KV-cache row holds from an earlier
     request, in whole prefill chunks, and prefills only the rest; its tokens and logprobs are those it gets without
     (runtime/prefix_cache.py).
-    speculative: "ngram" drafts up to draft_tokens tokens per step (default 31) by prompt lookup (n-grams of up to
-    `ngram` tokens) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None:
+    speculative: "ngram" drafts up to draft_tokens tokens per step (default 31) by prompt lookup (a match of `ngram`
+    tokens, default 4) and verifies them in one step, with the same tokens as without (runtime/speculative.py); None:
     off. draft_model: a checkpoint path (read in `dtype`) or a Model of the same tokenizer that drafts draft_tokens
     tokens (default 7) per step greedily, on a KV cache of its own (runtime/draft_model.py); speculative is then
     "draft_model" (or None).

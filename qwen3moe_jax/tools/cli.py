@@ -57,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_DRAFT_TOKENS['ngram']} for ngram, {DEFAULT_DRAFT_TOKENS['draft_model']} with a "
                         "draft model)")
     p.add_argument("--ngram", type=_at_least(1), default=DEFAULT_NGRAM,
-                   help="with --speculative ngram: the longest n-gram looked up (default: %(default)s)")
+                   help="with --speculative ngram: the n-gram a draft needs to match (default: %(default)s)")
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with a draft model: a checkpoint (GGUF or Hugging Face directory, e.g. "
                         "a dense Qwen3) of the same tokenizer, drafting --draft-tokens tokens per step greedily")

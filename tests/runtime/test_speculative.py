@@ -178,17 +178,57 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def test_ngram_drafter_continues_the_latest_match_of_the_longest_ngram():
+def test_ngram_drafter_continues_the_latest_match_of_its_ngram():
     drafter = NgramDrafter(3)
     ctx = np.array([7, 1, 2, 3, 4, 5, 9, 2, 3, 8, 1, 2, 3])
-    assert drafter.propose(ctx, 2) == [4, 5]  # "1 2 3" occurs at 1: the 3-gram wins over the later "2 3" at 7
-    assert drafter.propose(np.array([5, 6, 7, 5, 6]), 3) == [7, 5, 6]  # only "5 6" matches: what followed it
-    assert drafter.propose(np.array([5, 6, 7, 6]), 3) == []  # one token is too weak a cue
+    assert drafter.propose(ctx, 2) == [4, 5]  # "1 2 3" occurs at 1 (the later "2 3" at 7 is too short a match)
+    assert drafter.propose(np.array([5, 6, 7, 5, 6]), 3) == []  # only "5 6" matches: shorter than the n-gram
+    assert NgramDrafter(2).propose(np.array([5, 6, 7, 5, 6]), 3) == [7, 5, 6]
     assert drafter.propose(np.array([1, 2, 3]), 4) == []
+    # The latest occurrence (followed by 6, not the earlier one's 5), its match counted back as far as the context
+    # agrees: "8 9 1 2 3 4", 6 tokens, so 12 drafted at most, going on around the loop.
+    assert NgramDrafter(4).propose(np.array([8, 9, 1, 2, 3, 4, 5, 0, 8, 9, 1, 2, 3, 4, 6, 8, 9, 1, 2, 3, 4]), 31) == [
+        6, 8, 9, 1, 2, 3, 4, 6, 8, 9, 1, 2]
     # A loop: the match is the text just before, and the draft goes on past the context's end, around the loop, as
     # far as twice the length of the match (3 tokens, then 8).
     assert drafter.propose(np.array([9, 1, 2, 3, 1, 2, 3]), 8) == [1, 2, 3, 1, 2, 3]
     assert drafter.propose(np.array([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 3]), 12) == [9, 1, 2, 3] * 3
+
+
+def _lookups_the_long_way(context: list[int], n: int, k: int) -> list[int]:
+    """Prompt lookup by scanning: the tokens after the latest earlier occurrence of the last n tokens, capped at
+    twice the match (counted back, up to k), then lookups again in the context with the draft appended."""
+    draft, ctx = [], list(context)
+    while len(draft) < k and len(ctx) > n:
+        starts = [i for i in range(len(ctx) - n) if ctx[i: i + n] == ctx[-n:]]
+        if not starts:
+            break
+        i = starts[-1]
+        if not draft:
+            matched = n
+            while matched < min(i + n, k) and ctx[i + n - 1 - matched] == ctx[-1 - matched]:
+                matched += 1
+            k = min(k, 2 * matched)
+        more = ctx[i + n: i + n + k - len(draft)]
+        draft, ctx = draft + more, ctx + more
+    return draft
+
+
+def test_the_drafters_index_grown_call_by_call_drafts_what_scanning_the_whole_context_finds():
+    @dataclasses.dataclass(eq=False)
+    class Row:
+        prompt: list
+        output: list
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n, vocab = int(rng.integers(1, 5)), int(rng.integers(2, 6))  # few tokens: many repeats and loops
+        tokens = rng.integers(0, vocab, 80).tolist()
+        drafter, row = NgramDrafter(n), Row(tokens[:10], [])
+        while len(row.output) < 70:
+            k = int(rng.choice([1, 3, 7, 31]))
+            assert drafter.draft([row], [k]) == [_lookups_the_long_way(row.prompt + row.output, n, k)], trial
+            row.output += tokens[10 + len(row.output): 10 + len(row.output) + int(rng.integers(1, 6))]
 
 
 def test_a_row_climbs_the_draft_lengths_while_its_drafts_are_kept_and_pauses_when_refused():
@@ -242,7 +282,8 @@ def test_bad_speculative_settings_are_config_errors():
     for bad in (dict(method="medusa"), dict(draft_tokens=0), dict(ngram=0)):
         with pytest.raises(ConfigError):
             SpeculativeConfig(**bad)
-    assert SpeculativeConfig().draft_tokens == 31 and SpeculativeConfig().lengths == (1, 3, 7, 31)
+    default = SpeculativeConfig()
+    assert default.draft_tokens == 31 and default.ngram == 4 and default.lengths == (1, 3, 7, 31)
     assert SpeculativeConfig("draft_model").draft_tokens == 7 and SpeculativeConfig("draft_model").lengths == (7,)
     with pytest.raises(ConfigError):
         qj.random_model("tiny", speculative="nope")
