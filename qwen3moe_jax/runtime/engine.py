@@ -401,17 +401,23 @@ class Engine:
         active = np.asarray(active, bool)
         if window is None:
             window = self.decode_window(int(positions[active].max()) if active.any() else 0)
+        args = self._put_step([positions, active, np.bool_(logprobs)], allowed, forced)
+        return self._run(decode_block, self.params, self._take_state(), self.sampler(), *args, self.config, window,
+                         self.decode_steps, self.grammar if constrained else None)
+
+    def _put_step(self, host: list, allowed: Sequence[Sequence[int] | None] | None,
+                  forced: Sequence[int] | None) -> list:
+        """A decode or verify step's inputs on the device, in one transfer of all that changes from step to step:
+        `host`, then the first step's token masks from `allowed` and its `forced` tokens (where not given, the
+        constants that ask for nothing)."""
         B = self.batch_size
-        host = [positions, active, np.bool_(logprobs)]
-        if allowed is not None:
-            host.append(self.token_mask(allowed))
-        if forced is not None:
-            host.append(np.asarray(forced, np.int32))
-        args = self._put(host)  # one transfer of all that changes from block to block
-        mask = args[3] if allowed is not None else self._constant("mask", B)
+        extra = ([self.token_mask(allowed)] if allowed is not None else []) + (
+            [np.asarray(forced, np.int32)] if forced is not None else [])
+        args = self._put(host + extra)
+        n = len(host)
+        mask = args[n] if allowed is not None else self._constant("mask", B)
         tokens = args[-1] if forced is not None else self._constant("forced", B)
-        return self._run(decode_block, self.params, self._take_state(), self.sampler(), *args[:3], mask, tokens,
-                         self.config, window, self.decode_steps, self.grammar if constrained else None)
+        return [*args[:n], mask, tokens]
 
     def _constant(self, name: str, rows: int) -> jax.Array:
         """An input that asks for nothing, kept on the device (most steps have no constraint): "mask" (every

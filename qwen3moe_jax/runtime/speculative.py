@@ -171,14 +171,9 @@ class SpeculativeEngine(Engine):
         if window is None:
             top = int((positions + lengths)[active].max()) if active.any() else 0
             window = attention_window(top + 1 + tail, self.max_seq_len)
-        host = [positions, active, padded, lengths, np.bool_(logprobs)]
-        host.append(self.token_mask(allowed) if allowed is not None else None)
-        host.append(np.asarray(forced, np.int32) if forced is not None else None)
-        args = self._put([a for a in host if a is not None])
-        mask = args[5] if allowed is not None else self._constant("mask", B)
-        tokens = args[-1] if forced is not None else self._constant("forced", B)
-        return self._run(verify_block, self.params, self._take_state(), self.sampler(), *args[:5], mask, tokens,
-                         self.config, window, tail)
+        args = self._put_step([positions, active, padded, lengths, np.bool_(logprobs)], allowed, forced)
+        return self._run(verify_block, self.params, self._take_state(), self.sampler(), *args, self.config, window,
+                         tail)
 
     def warmup_programs(self, prompt_len: int, max_new_tokens: int | None = None,
                         all_buckets: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
