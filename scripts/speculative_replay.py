@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 
 import qwen3moe_jax as qj
+from qwen3moe_jax.runtime.scheduler import DEVICE_FIELDS
 from qwen3moe_jax.runtime.speculative import NgramIndex, SpeculativeConfig, Speculator
 
 sys.path.insert(0, str(Path(__file__).parent))  # the benchmark's prompts and the held-out snippets: sibling scripts
 from bench_speculative import CASES  # noqa: E402
 from kv_int8_drift import held_out_prompts  # noqa: E402
 
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 1.0, "repeat_last_n": 64, "seed": 0}
+GREEDY = {field: getattr(qj.SamplingParams(), field) for field in DEVICE_FIELDS}  # the defaults: greedy
 MATCH_BUCKETS = (2, 3, 4, 5, 6, 7, 8, 9, 12)  # a match of at least this many tokens, up to the next
 
 
